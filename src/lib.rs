@@ -1,0 +1,12 @@
+//! irbridge: SFT and DPO post-training built around the implicit reward `β·log π/π_ref`, with
+//! hand-written CUDA kernels for the loss side and a CPU twin for every kernel.
+//!
+//! The crate is usable as an embeddable backend: the ops in [`ops`] run on caller-owned buffers
+//! (host slices on the CPU, cudarc device slices on CUDA) without the rest of the engine.
+
+pub mod device;
+pub mod dtype;
+pub mod kernels;
+pub mod ops;
+
+pub use device::Device;
