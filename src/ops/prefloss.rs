@@ -149,7 +149,10 @@ impl FromStr for LossType {
             bail!("loss_type `{s}` (sorted-margin AOT) is not supported by irbridge");
         }
         let names: Vec<&str> = LossType::ALL.iter().map(|t| t.name()).collect();
-        bail!("unknown loss_type `{s}` (expected one of {})", names.join(", "))
+        bail!(
+            "unknown loss_type `{s}` (expected one of {})",
+            names.join(", ")
+        )
     }
 }
 
@@ -170,8 +173,12 @@ pub enum FDivergence {
 
 impl FDivergence {
     /// Every supported f-divergence.
-    pub const ALL: [FDivergence; 4] =
-        [FDivergence::ReverseKl, FDivergence::ForwardKl, FDivergence::JsDivergence, FDivergence::AlphaDivergence];
+    pub const ALL: [FDivergence; 4] = [
+        FDivergence::ReverseKl,
+        FDivergence::ForwardKl,
+        FDivergence::JsDivergence,
+        FDivergence::AlphaDivergence,
+    ];
 
     /// The TRL name.
     pub fn name(self) -> &'static str {
@@ -246,21 +253,54 @@ impl Default for PrefLossConfig {
 impl PrefLossConfig {
     /// The default config with the single term `loss_type` (weight 1).
     pub fn single(loss_type: LossType) -> Self {
-        PrefLossConfig { terms: vec![(loss_type, 1.0)], ..Default::default() }
+        PrefLossConfig {
+            terms: vec![(loss_type, 1.0)],
+            ..Default::default()
+        }
     }
 
     /// Checks every parameter is in the range where the losses are defined.
     pub fn validate(&self) -> Result<()> {
-        ensure!(!self.terms.is_empty(), "loss terms: at least one (loss_type, weight) is needed");
-        ensure!(self.terms.len() <= MAX_TERMS, "loss terms: at most {MAX_TERMS} supported, got {}", self.terms.len());
+        ensure!(
+            !self.terms.is_empty(),
+            "loss terms: at least one (loss_type, weight) is needed"
+        );
+        ensure!(
+            self.terms.len() <= MAX_TERMS,
+            "loss terms: at most {MAX_TERMS} supported, got {}",
+            self.terms.len()
+        );
         for (t, w) in &self.terms {
-            ensure!(w.is_finite(), "loss weight of `{t}` must be finite, got {w}");
+            ensure!(
+                w.is_finite(),
+                "loss weight of `{t}` must be finite, got {w}"
+            );
         }
-        ensure!(self.beta.is_finite() && self.beta > 0.0, "beta must be positive and finite, got {}", self.beta);
-        ensure!(self.alpha.is_finite(), "alpha must be finite, got {}", self.alpha);
-        ensure!((0.0..0.5).contains(&self.label_smoothing), "label_smoothing must be in [0, 0.5), got {}", self.label_smoothing);
-        ensure!((0.0..0.5).contains(&self.robust_eps), "robust epsilon must be in [0, 0.5), got {}", self.robust_eps);
-        ensure!(self.exo_eps > 0.0 && self.exo_eps < 1.0, "exo_pair epsilon must be in (0, 1), got {}", self.exo_eps);
+        ensure!(
+            self.beta.is_finite() && self.beta > 0.0,
+            "beta must be positive and finite, got {}",
+            self.beta
+        );
+        ensure!(
+            self.alpha.is_finite(),
+            "alpha must be finite, got {}",
+            self.alpha
+        );
+        ensure!(
+            (0.0..0.5).contains(&self.label_smoothing),
+            "label_smoothing must be in [0, 0.5), got {}",
+            self.label_smoothing
+        );
+        ensure!(
+            (0.0..0.5).contains(&self.robust_eps),
+            "robust epsilon must be in [0, 0.5), got {}",
+            self.robust_eps
+        );
+        ensure!(
+            self.exo_eps > 0.0 && self.exo_eps < 1.0,
+            "exo_pair epsilon must be in (0, 1), got {}",
+            self.exo_eps
+        );
         ensure!(
             self.discopop_tau.is_finite() && self.discopop_tau > 0.0,
             "discopop_tau must be positive and finite, got {}",
@@ -367,7 +407,12 @@ struct Term {
 
 /// A loss `f(z)` of `z = β·Δ` with derivative `f'(z)` becomes a term in `(s_w, s_l)`.
 fn of_margin(beta: f64, (loss, dz): (f64, f64)) -> Term {
-    Term { loss, ds_w: beta * dz, ds_l: -beta * dz, ..Default::default() }
+    Term {
+        loss,
+        ds_w: beta * dz,
+        ds_l: -beta * dz,
+        ..Default::default()
+    }
 }
 
 fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_scale: f64) -> Term {
@@ -377,12 +422,23 @@ fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_sca
     match t {
         LossType::Sigmoid => {
             let e = cfg.label_smoothing;
-            of_margin(b, ((1.0 - e) * softplus(-z) + e * softplus(z), -(1.0 - e) * sigmoid(-z) + e * sigmoid(z)))
+            of_margin(
+                b,
+                (
+                    (1.0 - e) * softplus(-z) + e * softplus(z),
+                    -(1.0 - e) * sigmoid(-z) + e * sigmoid(z),
+                ),
+            )
         }
         LossType::Hinge => of_margin(b, if z < 1.0 { (1.0 - z, -1.0) } else { (0.0, 0.0) }),
         LossType::Ipo => {
             let d = s_w / n_w - s_l / n_l - 1.0 / (2.0 * b);
-            Term { loss: d * d, ds_w: 2.0 * d / n_w, ds_l: -2.0 * d / n_l, ..Default::default() }
+            Term {
+                loss: d * d,
+                ds_w: 2.0 * d / n_w,
+                ds_l: -2.0 * d / n_l,
+                ..Default::default()
+            }
         }
         LossType::ExoPair => {
             let e = cfg.exo_eps;
@@ -403,19 +459,38 @@ fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_sca
         LossType::Robust => {
             let e = cfg.robust_eps;
             let k = 1.0 / (1.0 - 2.0 * e);
-            of_margin(b, (k * ((1.0 - e) * softplus(-z) - e * softplus(z)), k * (-(1.0 - e) * sigmoid(-z) - e * sigmoid(z))))
+            of_margin(
+                b,
+                (
+                    k * ((1.0 - e) * softplus(-z) - e * softplus(z)),
+                    k * (-(1.0 - e) * sigmoid(-z) - e * sigmoid(z)),
+                ),
+            )
         }
         LossType::BcoPair => {
             let (x, y) = (b * s_w, b * s_l);
-            Term { loss: softplus(-x) + softplus(y), ds_w: -b * sigmoid(-x), ds_l: b * sigmoid(y), ..Default::default() }
+            Term {
+                loss: softplus(-x) + softplus(y),
+                ds_w: -b * sigmoid(-x),
+                ds_l: b * sigmoid(y),
+                ..Default::default()
+            }
         }
         LossType::SppoHard => {
             let a = 1.0 / (2.0 * b);
             let (u, v) = (s_w - a, s_l + a);
-            Term { loss: u * u + v * v, ds_w: 2.0 * u, ds_l: 2.0 * v, ..Default::default() }
+            Term {
+                loss: u * u + v * v,
+                ds_w: 2.0 * u,
+                ds_l: 2.0 * v,
+                ..Default::default()
+            }
         }
         LossType::ApoZero => {
-            let (x, y) = (b * (p.policy_chosen - p.ref_chosen), b * (p.policy_rejected - p.ref_rejected));
+            let (x, y) = (
+                b * (p.policy_chosen - p.ref_chosen),
+                b * (p.policy_rejected - p.ref_rejected),
+            );
             Term {
                 loss: sigmoid(-x) + sigmoid(y),
                 dr_w: -b * sigmoid(x) * sigmoid(-x),
@@ -427,7 +502,12 @@ fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_sca
             let x = b * s_w;
             let dx = b * sigmoid(x) * sigmoid(-x);
             let dz = b * sigmoid(z) * sigmoid(-z);
-            Term { loss: sigmoid(x) + sigmoid(-z), ds_w: dx - dz, ds_l: dz, ..Default::default() }
+            Term {
+                loss: sigmoid(x) + sigmoid(-z),
+                ds_w: dx - dz,
+                ds_l: dz,
+                ..Default::default()
+            }
         }
         LossType::Discopop => {
             let tau = cfg.discopop_tau;
@@ -443,19 +523,35 @@ fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_sca
         LossType::SigmoidNorm => {
             let zn = b * (s_w / n_w - s_l / n_l);
             let g = b * sigmoid(-zn);
-            Term { loss: softplus(-zn), ds_w: -g / n_w, ds_l: g / n_l, ..Default::default() }
+            Term {
+                loss: softplus(-zn),
+                ds_w: -g / n_w,
+                ds_l: g / n_l,
+                ..Default::default()
+            }
         }
-        LossType::Sft => Term { loss: -p.policy_chosen * sft_scale, dr_w: -sft_scale, ..Default::default() },
+        LossType::Sft => Term {
+            loss: -p.policy_chosen * sft_scale,
+            dr_w: -sft_scale,
+            ..Default::default()
+        },
     }
 }
 
 /// The weighted loss of one pair and its policy gradients, in f64. `sft_scale` is
 /// `P / max(Σ|y_w|, 1)` over the batch (only read by the `sft` term; see [`sft_scale`]).
 pub fn pair_loss(cfg: &PrefLossConfig, p: &Pair, sft_scale: f64) -> PairLoss {
-    let (r_w, r_l) = (p.policy_chosen - p.ref_chosen, p.policy_rejected - p.ref_rejected);
+    let (r_w, r_l) = (
+        p.policy_chosen - p.ref_chosen,
+        p.policy_rejected - p.ref_rejected,
+    );
     let (s_w, ds_w) = score(cfg.f_divergence, cfg.alpha, r_w);
     let (s_l, ds_l) = score(cfg.f_divergence, cfg.alpha, r_l);
-    let mut out = PairLoss { loss: 0.0, dpolicy_chosen: 0.0, dpolicy_rejected: 0.0 };
+    let mut out = PairLoss {
+        loss: 0.0,
+        dpolicy_chosen: 0.0,
+        dpolicy_rejected: 0.0,
+    };
     for &(t, w) in &cfg.terms {
         let k = term(cfg, t, p, s_w, s_l, sft_scale);
         out.loss += w * k.loss;
@@ -500,7 +596,10 @@ impl<T: Real> PairInputs<'_, T> {
             ("chosen_counts", self.chosen_counts.len()),
             ("rejected_counts", self.rejected_counts.len()),
         ] {
-            ensure!(len == n, "{name}: expected {n} entries (one per pair, as policy_chosen), got {len}");
+            ensure!(
+                len == n,
+                "{name}: expected {n} entries (one per pair, as policy_chosen), got {len}"
+            );
         }
         for (name, v) in [
             ("policy_chosen", self.policy_chosen),
@@ -512,7 +611,10 @@ impl<T: Real> PairInputs<'_, T> {
                 bail!("{name}[{i}] = {} is not finite", v[i].to_f64());
             }
         }
-        for (name, v) in [("chosen_counts", self.chosen_counts), ("rejected_counts", self.rejected_counts)] {
+        for (name, v) in [
+            ("chosen_counts", self.chosen_counts),
+            ("rejected_counts", self.rejected_counts),
+        ] {
             if let Some(i) = v.iter().position(|&c| c < 0) {
                 bail!("{name}[{i}] = {} is negative", v[i]);
             }
@@ -562,23 +664,37 @@ impl<T> PairOutputs<'_, T> {
             ("margins", self.margins.len()),
             ("accuracies", self.accuracies.len()),
         ] {
-            ensure!(len == n, "{name}: expected {n} entries (one per pair), got {len}");
+            ensure!(
+                len == n,
+                "{name}: expected {n} entries (one per pair), got {len}"
+            );
         }
         Ok(())
     }
 }
 
 /// CPU twin of the preference-loss kernel (f64 math whatever `T` is).
-pub fn forward_cpu<T: Real>(cfg: &PrefLossConfig, inputs: &PairInputs<'_, T>, out: PairOutputs<'_, T>) -> Result<()> {
+pub fn forward_cpu<T: Real>(
+    cfg: &PrefLossConfig,
+    inputs: &PairInputs<'_, T>,
+    out: PairOutputs<'_, T>,
+) -> Result<()> {
     cfg.validate()?;
     let n = inputs.check()?;
     out.check(n)?;
-    let scale = if cfg.has_sft() { sft_scale(inputs.chosen_counts) } else { 0.0 };
+    let scale = if cfg.has_sft() {
+        sft_scale(inputs.chosen_counts)
+    } else {
+        0.0
+    };
     let b = cfg.beta;
     for i in 0..n {
         let p = inputs.pair(i);
         let l = pair_loss(cfg, &p, scale);
-        let (rc, rr) = (b * (p.policy_chosen - p.ref_chosen), b * (p.policy_rejected - p.ref_rejected));
+        let (rc, rr) = (
+            b * (p.policy_chosen - p.ref_chosen),
+            b * (p.policy_rejected - p.ref_rejected),
+        );
         out.loss[i] = T::from_f64(l.loss);
         out.dpolicy_chosen[i] = T::from_f64(l.dpolicy_chosen);
         out.dpolicy_rejected[i] = T::from_f64(l.dpolicy_rejected);
@@ -621,9 +737,17 @@ impl BatchMetrics {
     ) -> Result<BatchMetrics> {
         let n = inputs.policy_chosen.len();
         ensure!(n > 0, "batch metrics: the batch has no pairs");
-        ensure!(inputs.policy_rejected.len() == n, "policy_rejected: expected {n} entries, got {}", inputs.policy_rejected.len());
+        ensure!(
+            inputs.policy_rejected.len() == n,
+            "policy_rejected: expected {n} entries, got {}",
+            inputs.policy_rejected.len()
+        );
         let mean = |name: &str, v: &[T]| -> Result<f64> {
-            ensure!(v.len() == n, "{name}: expected {n} entries (one per pair), got {}", v.len());
+            ensure!(
+                v.len() == n,
+                "{name}: expected {n} entries (one per pair), got {}",
+                v.len()
+            );
             Ok(v.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64)
         };
         Ok(BatchMetrics {
@@ -733,10 +857,18 @@ const BLOCK: u32 = 256;
 
 /// CUDA preference loss: ONE launch for the whole batch, every weighted term summed in the
 /// kernel (f64 math, f32 I/O). Inputs are not checked for finiteness on the device.
-pub fn forward_cuda(dev: &CudaDevice, cfg: &PrefLossConfig, inputs: &PairInputsCuda<'_, '_>, out: PairOutputsCuda<'_, '_>) -> Result<()> {
+pub fn forward_cuda(
+    dev: &CudaDevice,
+    cfg: &PrefLossConfig,
+    inputs: &PairInputsCuda<'_, '_>,
+    out: PairOutputsCuda<'_, '_>,
+) -> Result<()> {
     cfg.validate()?;
     let n = inputs.policy_chosen.len();
-    ensure!(n <= i32::MAX as usize, "policy_chosen: {n} pairs exceed the i32 range");
+    ensure!(
+        n <= i32::MAX as usize,
+        "policy_chosen: {n} pairs exceed the i32 range"
+    );
     for (name, len) in [
         ("policy_rejected", inputs.policy_rejected.len()),
         ("ref_chosen", inputs.ref_chosen.len()),
@@ -751,7 +883,10 @@ pub fn forward_cuda(dev: &CudaDevice, cfg: &PrefLossConfig, inputs: &PairInputsC
         ("margins", out.margins.len()),
         ("accuracies", out.accuracies.len()),
     ] {
-        ensure!(len == n, "{name}: expected {n} entries (one per pair, as policy_chosen), got {len}");
+        ensure!(
+            len == n,
+            "{name}: expected {n} entries (one per pair, as policy_chosen), got {len}"
+        );
     }
     if n == 0 {
         return Ok(());
@@ -760,8 +895,11 @@ pub fn forward_cuda(dev: &CudaDevice, cfg: &PrefLossConfig, inputs: &PairInputsC
     let has_sft = cfg.has_sft() as i32;
     let n_i = n as i32;
     let f = dev.function("prefloss", "pref_loss_forward")?;
-    let cfg_launch =
-        LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg_launch = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = dev.stream().launch_builder(&f);
     b.arg(inputs.policy_chosen)
         .arg(inputs.policy_rejected)

@@ -41,9 +41,21 @@ pub struct SeqReduceOut<'a> {
 
 impl SeqReduceOut<'_> {
     fn check(&self, n: usize) -> Result<()> {
-        ensure!(self.sums.len() == n, "sums: expected {n} entries, got {}", self.sums.len());
-        ensure!(self.counts.len() == n, "counts: expected {n} entries, got {}", self.counts.len());
-        ensure!(self.means.len() == n, "means: expected {n} entries, got {}", self.means.len());
+        ensure!(
+            self.sums.len() == n,
+            "sums: expected {n} entries, got {}",
+            self.sums.len()
+        );
+        ensure!(
+            self.counts.len() == n,
+            "counts: expected {n} entries, got {}",
+            self.counts.len()
+        );
+        ensure!(
+            self.means.len() == n,
+            "means: expected {n} entries, got {}",
+            self.means.len()
+        );
         Ok(())
     }
 
@@ -57,17 +69,36 @@ impl SeqReduceOut<'_> {
 /// Validates a padded `[rows, cols]` layout.
 pub fn check_padded(values_len: usize, mask_len: usize, rows: usize, cols: usize) -> Result<()> {
     let n = rows.checked_mul(cols).filter(|&n| n <= i32::MAX as usize);
-    let Some(n) = n else { bail!("values: {rows}×{cols} exceeds the i32 index range") };
-    ensure!(values_len == n, "values: expected {rows}×{cols} = {n} elements, got {values_len}");
-    ensure!(mask_len == n, "mask: expected {rows}×{cols} = {n} elements, got {mask_len}");
+    let Some(n) = n else {
+        bail!("values: {rows}×{cols} exceeds the i32 index range")
+    };
+    ensure!(
+        values_len == n,
+        "values: expected {rows}×{cols} = {n} elements, got {values_len}"
+    );
+    ensure!(
+        mask_len == n,
+        "mask: expected {rows}×{cols} = {n} elements, got {mask_len}"
+    );
     Ok(())
 }
 
 /// Validates packed segment ids: every id is `−1` or in `[0, segments)`.
 pub fn check_segment_ids(seg: &[i32], segments: usize) -> Result<()> {
-    ensure!(seg.len() <= i32::MAX as usize, "segment_ids: {} tokens exceed the i32 index range", seg.len());
-    ensure!(segments <= i32::MAX as usize, "segments: {segments} exceeds the i32 range");
-    if let Some((i, &s)) = seg.iter().enumerate().find(|(_, &s)| s < -1 || s as i64 >= segments as i64) {
+    ensure!(
+        seg.len() <= i32::MAX as usize,
+        "segment_ids: {} tokens exceed the i32 index range",
+        seg.len()
+    );
+    ensure!(
+        segments <= i32::MAX as usize,
+        "segments: {segments} exceeds the i32 range"
+    );
+    if let Some((i, &s)) = seg
+        .iter()
+        .enumerate()
+        .find(|(_, &s)| s < -1 || s as i64 >= segments as i64)
+    {
         bail!("segment_ids[{i}] = {s} is outside [0, {segments}) and is not the skip id −1");
     }
     Ok(())
@@ -85,14 +116,26 @@ pub fn segment_ids_from_mask(mask: &[u8], rows: usize, cols: usize) -> Result<Ve
 }
 
 /// CPU twin of the padded forward; rows run in parallel.
-pub fn padded_forward_cpu(values: &[f32], mask: &[u8], rows: usize, cols: usize, mut out: SeqReduceOut<'_>) -> Result<()> {
+pub fn padded_forward_cpu(
+    values: &[f32],
+    mask: &[u8],
+    rows: usize,
+    cols: usize,
+    mut out: SeqReduceOut<'_>,
+) -> Result<()> {
     check_padded(values.len(), mask.len(), rows, cols)?;
     out.check(rows)?;
     let stats: Vec<(f64, usize)> = (0..rows)
         .into_par_iter()
         .map(|r| {
-            let (v, m) = (&values[r * cols..(r + 1) * cols], &mask[r * cols..(r + 1) * cols]);
-            v.iter().zip(m).filter(|(_, &m)| m != 0).fold((0f64, 0usize), |(s, c), (&x, _)| (s + x as f64, c + 1))
+            let (v, m) = (
+                &values[r * cols..(r + 1) * cols],
+                &mask[r * cols..(r + 1) * cols],
+            );
+            v.iter()
+                .zip(m)
+                .filter(|(_, &m)| m != 0)
+                .fold((0f64, 0usize), |(s, c), (&x, _)| (s + x as f64, c + 1))
         })
         .collect();
     for (r, (s, c)) in stats.into_iter().enumerate() {
@@ -106,7 +149,11 @@ pub fn padded_forward_cpu(values: &[f32], mask: &[u8], rows: usize, cols: usize,
 const PACKED_CHUNK: usize = 16 * 1024;
 
 /// Per-segment f64 sums and counts of the packed layout (ids already validated).
-pub(crate) fn packed_sums_f64(values: impl Fn(usize) -> f64 + Sync, seg: &[i32], segments: usize) -> Vec<(f64, usize)> {
+pub(crate) fn packed_sums_f64(
+    values: impl Fn(usize) -> f64 + Sync,
+    seg: &[i32],
+    segments: usize,
+) -> Vec<(f64, usize)> {
     let partials: Vec<Vec<(f64, usize)>> = seg
         .par_chunks(PACKED_CHUNK)
         .enumerate()
@@ -133,7 +180,12 @@ pub(crate) fn packed_sums_f64(values: impl Fn(usize) -> f64 + Sync, seg: &[i32],
 }
 
 /// CPU twin of the packed forward: reduces `values[i]` into segment `seg[i]`.
-pub fn packed_forward_cpu(values: &[f32], seg: &[i32], segments: usize, mut out: SeqReduceOut<'_>) -> Result<()> {
+pub fn packed_forward_cpu(
+    values: &[f32],
+    seg: &[i32],
+    segments: usize,
+    mut out: SeqReduceOut<'_>,
+) -> Result<()> {
     ensure!(
         values.len() == seg.len(),
         "values: expected {} entries (one per segment id), got {}",
@@ -142,15 +194,26 @@ pub fn packed_forward_cpu(values: &[f32], seg: &[i32], segments: usize, mut out:
     );
     check_segment_ids(seg, segments)?;
     out.check(segments)?;
-    for (s, (sum, c)) in packed_sums_f64(|i| values[i] as f64, seg, segments).into_iter().enumerate() {
+    for (s, (sum, c)) in packed_sums_f64(|i| values[i] as f64, seg, segments)
+        .into_iter()
+        .enumerate()
+    {
         out.write(s, sum, c);
     }
     Ok(())
 }
 
 fn check_backward(grad: &[f32], counts: &[i32], n: usize) -> Result<()> {
-    ensure!(grad.len() == n, "grad: expected {n} entries (one per sequence), got {}", grad.len());
-    ensure!(counts.len() == n, "counts: expected {n} entries (one per sequence), got {}", counts.len());
+    ensure!(
+        grad.len() == n,
+        "grad: expected {n} entries (one per sequence), got {}",
+        grad.len()
+    );
+    ensure!(
+        counts.len() == n,
+        "counts: expected {n} entries (one per sequence), got {}",
+        counts.len()
+    );
     Ok(())
 }
 
@@ -177,12 +240,16 @@ pub fn padded_backward_cpu(
     if cols == 0 {
         return Ok(());
     }
-    dvalues.par_chunks_mut(cols).zip(mask.par_chunks(cols)).enumerate().for_each(|(r, (d, m))| {
-        let g = scale(grad[r], counts[r], reduction);
-        for (di, &mi) in d.iter_mut().zip(m) {
-            *di = if mi != 0 { g } else { 0.0 };
-        }
-    });
+    dvalues
+        .par_chunks_mut(cols)
+        .zip(mask.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (d, m))| {
+            let g = scale(grad[r], counts[r], reduction);
+            for (di, &mi) in d.iter_mut().zip(m) {
+                *di = if mi != 0 { g } else { 0.0 };
+            }
+        });
     Ok(())
 }
 
@@ -197,10 +264,22 @@ pub fn packed_backward_cpu(
 ) -> Result<()> {
     check_segment_ids(seg, segments)?;
     check_backward(grad, counts, segments)?;
-    ensure!(dvalues.len() == seg.len(), "dvalues: expected {} entries, got {}", seg.len(), dvalues.len());
-    dvalues.par_iter_mut().zip(seg.par_iter()).for_each(|(d, &s)| {
-        *d = if s >= 0 { scale(grad[s as usize], counts[s as usize], reduction) } else { 0.0 };
-    });
+    ensure!(
+        dvalues.len() == seg.len(),
+        "dvalues: expected {} entries, got {}",
+        seg.len(),
+        dvalues.len()
+    );
+    dvalues
+        .par_iter_mut()
+        .zip(seg.par_iter())
+        .for_each(|(d, &s)| {
+            *d = if s >= 0 {
+                scale(grad[s as usize], counts[s as usize], reduction)
+            } else {
+                0.0
+            };
+        });
     Ok(())
 }
 
@@ -208,13 +287,34 @@ pub fn packed_backward_cpu(
 const BLOCK: u32 = 256;
 
 fn elementwise_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
-fn check_outs_cuda(sums: &CudaViewMut<'_, f32>, counts: &CudaViewMut<'_, i32>, means: &CudaViewMut<'_, f32>, n: usize) -> Result<()> {
-    ensure!(sums.len() == n, "sums: expected {n} entries, got {}", sums.len());
-    ensure!(counts.len() == n, "counts: expected {n} entries, got {}", counts.len());
-    ensure!(means.len() == n, "means: expected {n} entries, got {}", means.len());
+fn check_outs_cuda(
+    sums: &CudaViewMut<'_, f32>,
+    counts: &CudaViewMut<'_, i32>,
+    means: &CudaViewMut<'_, f32>,
+    n: usize,
+) -> Result<()> {
+    ensure!(
+        sums.len() == n,
+        "sums: expected {n} entries, got {}",
+        sums.len()
+    );
+    ensure!(
+        counts.len() == n,
+        "counts: expected {n} entries, got {}",
+        counts.len()
+    );
+    ensure!(
+        means.len() == n,
+        "means: expected {n} entries, got {}",
+        means.len()
+    );
     Ok(())
 }
 
@@ -237,9 +337,19 @@ pub fn padded_forward_cuda(
     }
     let f = dev.function("seqreduce", "seq_padded_forward")?;
     let (r, c) = (rows as i32, cols as i32);
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(values).arg(mask).arg(&r).arg(&c).arg(sums).arg(counts).arg(means);
+    b.arg(values)
+        .arg(mask)
+        .arg(&r)
+        .arg(&c)
+        .arg(sums)
+        .arg(counts)
+        .arg(means);
     // SAFETY: argument list matches the kernel signature; lengths were checked above.
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -255,8 +365,15 @@ pub(crate) fn segment_ranges_cuda(
     lo: &mut CudaViewMut<'_, i32>,
     hi: &mut CudaViewMut<'_, i32>,
 ) -> Result<()> {
-    ensure!(seg.len() <= i32::MAX as usize, "segment_ids: {} tokens exceed the i32 index range", seg.len());
-    ensure!(segments <= i32::MAX as usize, "segments: {segments} exceeds the i32 range");
+    ensure!(
+        seg.len() <= i32::MAX as usize,
+        "segment_ids: {} tokens exceed the i32 index range",
+        seg.len()
+    );
+    ensure!(
+        segments <= i32::MAX as usize,
+        "segments: {segments} exceeds the i32 range"
+    );
     let (n, s) = (seg.len() as i32, segments as i32);
     let init = dev.function("seqreduce", "seg_range_init")?;
     let mut b = dev.stream().launch_builder(&init);
@@ -287,19 +404,41 @@ pub fn packed_forward_cuda(
     counts: &mut CudaViewMut<'_, i32>,
     means: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    ensure!(values.len() == seg.len(), "values: expected {} entries (one per segment id), got {}", seg.len(), values.len());
+    ensure!(
+        values.len() == seg.len(),
+        "values: expected {} entries (one per segment id), got {}",
+        seg.len(),
+        values.len()
+    );
     check_outs_cuda(sums, counts, means, segments)?;
     if segments == 0 {
         return Ok(());
     }
     let mut lo = dev.stream().alloc_zeros::<i32>(segments)?;
     let mut hi = dev.stream().alloc_zeros::<i32>(segments)?;
-    segment_ranges_cuda(dev, seg, segments, &mut lo.as_view_mut(), &mut hi.as_view_mut())?;
+    segment_ranges_cuda(
+        dev,
+        seg,
+        segments,
+        &mut lo.as_view_mut(),
+        &mut hi.as_view_mut(),
+    )?;
     let f = dev.function("seqreduce", "seq_packed_forward")?;
     let s = segments as i32;
-    let cfg = LaunchConfig { grid_dim: (segments as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (segments as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(values).arg(seg).arg(&s).arg(&lo).arg(&hi).arg(sums).arg(counts).arg(means);
+    b.arg(values)
+        .arg(seg)
+        .arg(&s)
+        .arg(&lo)
+        .arg(&hi)
+        .arg(sums)
+        .arg(counts)
+        .arg(means);
     // SAFETY: argument list matches the kernel; each block reads only [lo, hi] of its segment.
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -318,15 +457,33 @@ pub fn padded_backward_cuda(
     dvalues: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     check_padded(dvalues.len(), mask.len(), rows, cols)?;
-    ensure!(grad.len() == rows, "grad: expected {rows} entries (one per sequence), got {}", grad.len());
-    ensure!(counts.len() == rows, "counts: expected {rows} entries (one per sequence), got {}", counts.len());
+    ensure!(
+        grad.len() == rows,
+        "grad: expected {rows} entries (one per sequence), got {}",
+        grad.len()
+    );
+    ensure!(
+        counts.len() == rows,
+        "counts: expected {rows} entries (one per sequence), got {}",
+        counts.len()
+    );
     if rows * cols == 0 {
         return Ok(());
     }
     let f = dev.function("seqreduce", "seq_padded_backward")?;
-    let (r, c, mean) = (rows as i32, cols as i32, (reduction == Reduction::Mean) as i32);
+    let (r, c, mean) = (
+        rows as i32,
+        cols as i32,
+        (reduction == Reduction::Mean) as i32,
+    );
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(grad).arg(counts).arg(&mean).arg(mask).arg(&r).arg(&c).arg(dvalues);
+    b.arg(grad)
+        .arg(counts)
+        .arg(&mean)
+        .arg(mask)
+        .arg(&r)
+        .arg(&c)
+        .arg(dvalues);
     // SAFETY: argument list matches the kernel signature; lengths were checked above.
     unsafe { b.launch(elementwise_cfg(rows * cols)) }?;
     Ok(())
@@ -343,17 +500,44 @@ pub fn packed_backward_cuda(
     segments: usize,
     dvalues: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    ensure!(grad.len() == segments, "grad: expected {segments} entries (one per sequence), got {}", grad.len());
-    ensure!(counts.len() == segments, "counts: expected {segments} entries (one per sequence), got {}", counts.len());
-    ensure!(dvalues.len() == seg.len(), "dvalues: expected {} entries, got {}", seg.len(), dvalues.len());
-    ensure!(seg.len() <= i32::MAX as usize, "segment_ids: {} tokens exceed the i32 index range", seg.len());
+    ensure!(
+        grad.len() == segments,
+        "grad: expected {segments} entries (one per sequence), got {}",
+        grad.len()
+    );
+    ensure!(
+        counts.len() == segments,
+        "counts: expected {segments} entries (one per sequence), got {}",
+        counts.len()
+    );
+    ensure!(
+        dvalues.len() == seg.len(),
+        "dvalues: expected {} entries, got {}",
+        seg.len(),
+        dvalues.len()
+    );
+    ensure!(
+        seg.len() <= i32::MAX as usize,
+        "segment_ids: {} tokens exceed the i32 index range",
+        seg.len()
+    );
     if seg.is_empty() {
         return Ok(());
     }
     let f = dev.function("seqreduce", "seq_packed_backward")?;
-    let (n, s, mean) = (seg.len() as i32, segments as i32, (reduction == Reduction::Mean) as i32);
+    let (n, s, mean) = (
+        seg.len() as i32,
+        segments as i32,
+        (reduction == Reduction::Mean) as i32,
+    );
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(grad).arg(counts).arg(&mean).arg(seg).arg(&n).arg(&s).arg(dvalues);
+    b.arg(grad)
+        .arg(counts)
+        .arg(&mean)
+        .arg(seg)
+        .arg(&n)
+        .arg(&s)
+        .arg(dvalues);
     // SAFETY: argument list matches the kernel signature; lengths were checked above.
     unsafe { b.launch(elementwise_cfg(seg.len())) }?;
     Ok(())

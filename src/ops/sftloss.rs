@@ -147,12 +147,16 @@ impl SftDivergence {
 
     /// `h(s) = (f*)^{-1}(s)`; `None` outside the domain or where it is not finite.
     pub fn h(self, s: f64) -> Option<f64> {
-        self.in_domain(s).then(|| self.h_raw(s)).filter(|v| v.is_finite())
+        self.in_domain(s)
+            .then(|| self.h_raw(s))
+            .filter(|v| v.is_finite())
     }
 
     /// `h'(s)`, the per-token weight; `None` outside the domain or where it is not finite.
     pub fn h_prime(self, s: f64) -> Option<f64> {
-        self.in_domain(s).then(|| self.h_prime_raw(s)).filter(|v| v.is_finite())
+        self.in_domain(s)
+            .then(|| self.h_prime_raw(s))
+            .filter(|v| v.is_finite())
     }
 
     /// `(loss, dloss/dlogp, clamped)` for one score: `−h(s')/β`, `−h'(s')` at the clamped s'.
@@ -183,7 +187,10 @@ impl FromStr for SftDivergence {
 }
 
 fn check_beta(beta: f64) -> Result<()> {
-    ensure!(beta.is_finite() && beta > 0.0, "beta must be positive and finite, got {beta}");
+    ensure!(
+        beta.is_finite() && beta > 0.0,
+        "beta must be positive and finite, got {beta}"
+    );
     Ok(())
 }
 
@@ -196,8 +203,15 @@ fn check_finite<T: Real>(name: &str, v: &[T]) -> Result<()> {
 
 fn check_tokens<T: Real>(logp: &[T], ref_logp: &[T], n_other: usize, other: &str) -> Result<()> {
     let n = logp.len();
-    ensure!(ref_logp.len() == n, "ref_logp: expected {n} entries (as logp), got {}", ref_logp.len());
-    ensure!(n_other == n, "{other}: expected {n} entries (as logp), got {n_other}");
+    ensure!(
+        ref_logp.len() == n,
+        "ref_logp: expected {n} entries (as logp), got {}",
+        ref_logp.len()
+    );
+    ensure!(
+        n_other == n,
+        "{other}: expected {n} entries (as logp), got {n_other}"
+    );
     check_finite("logp", logp)?;
     check_finite("ref_logp", ref_logp)
 }
@@ -217,8 +231,16 @@ pub fn token_forward_cpu<T: Real>(
     check_beta(beta)?;
     check_tokens(logp, ref_logp, mask.len(), "mask")?;
     let n = logp.len();
-    ensure!(loss.len() == n, "loss: expected {n} entries (one per token), got {}", loss.len());
-    ensure!(dloss_dlogp.len() == n, "dloss_dlogp: expected {n} entries (one per token), got {}", dloss_dlogp.len());
+    ensure!(
+        loss.len() == n,
+        "loss: expected {n} entries (one per token), got {}",
+        loss.len()
+    );
+    ensure!(
+        dloss_dlogp.len() == n,
+        "dloss_dlogp: expected {n} entries (one per token), got {}",
+        dloss_dlogp.len()
+    );
     let clamped = loss
         .par_iter_mut()
         .zip(dloss_dlogp.par_iter_mut())
@@ -257,7 +279,11 @@ pub fn sequence_forward_cpu<T: Real>(
     check_beta(beta)?;
     check_tokens(logp, ref_logp, seg.len(), "segment_ids")?;
     check_segment_ids(seg, segments)?;
-    ensure!(seq_loss.len() == segments, "seq_loss: expected {segments} entries (one per segment), got {}", seq_loss.len());
+    ensure!(
+        seq_loss.len() == segments,
+        "seq_loss: expected {segments} entries (one per segment), got {}",
+        seq_loss.len()
+    );
     ensure!(
         dloss_dlogp.len() == logp.len(),
         "dloss_dlogp: expected {} entries (one per token), got {}",
@@ -273,9 +299,12 @@ pub fn sequence_forward_cpu<T: Real>(
         weights[k] = g;
         clamped += c as usize;
     }
-    dloss_dlogp.par_iter_mut().zip(seg.par_iter()).for_each(|(d, &s)| {
-        *d = T::from_f64(if s >= 0 { weights[s as usize] } else { 0.0 });
-    });
+    dloss_dlogp
+        .par_iter_mut()
+        .zip(seg.par_iter())
+        .for_each(|(d, &s)| {
+            *d = T::from_f64(if s >= 0 { weights[s as usize] } else { 0.0 });
+        });
     Ok(clamped)
 }
 
@@ -283,7 +312,11 @@ pub fn sequence_forward_cpu<T: Real>(
 const BLOCK: u32 = 256;
 
 fn elementwise_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The safe range as f32 for the kernels (±∞ where unbounded).
@@ -308,11 +341,26 @@ pub fn token_forward_cuda(
 ) -> Result<()> {
     check_beta(beta as f64)?;
     let n = logp.len();
-    ensure!(n <= i32::MAX as usize, "logp: {n} tokens exceed the i32 range");
-    for (name, len) in [("ref_logp", ref_logp.len()), ("mask", mask.len()), ("loss", loss.len()), ("dloss_dlogp", dloss_dlogp.len())] {
-        ensure!(len == n, "{name}: expected {n} entries (as logp), got {len}");
+    ensure!(
+        n <= i32::MAX as usize,
+        "logp: {n} tokens exceed the i32 range"
+    );
+    for (name, len) in [
+        ("ref_logp", ref_logp.len()),
+        ("mask", mask.len()),
+        ("loss", loss.len()),
+        ("dloss_dlogp", dloss_dlogp.len()),
+    ] {
+        ensure!(
+            len == n,
+            "{name}: expected {n} entries (as logp), got {len}"
+        );
     }
-    ensure!(clamped.len() == 1, "clamped: expected a 1-entry counter, got {}", clamped.len());
+    ensure!(
+        clamped.len() == 1,
+        "clamped: expected a 1-entry counter, got {}",
+        clamped.len()
+    );
     dev.stream().memset_zeros(clamped)?;
     if n == 0 {
         return Ok(());
@@ -321,7 +369,17 @@ pub fn token_forward_cuda(
     let (d, n_i) = (div as i32, n as i32);
     let f = dev.function("sftloss", "fdiv_token_forward")?;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&d).arg(&beta).arg(&lo).arg(&hi).arg(logp).arg(ref_logp).arg(mask).arg(&n_i).arg(loss).arg(dloss_dlogp).arg(clamped);
+    b.arg(&d)
+        .arg(&beta)
+        .arg(&lo)
+        .arg(&hi)
+        .arg(logp)
+        .arg(ref_logp)
+        .arg(mask)
+        .arg(&n_i)
+        .arg(loss)
+        .arg(dloss_dlogp)
+        .arg(clamped);
     // SAFETY: the argument list matches `fdiv_token_forward`; lengths were checked above.
     unsafe { b.launch(elementwise_cfg(n)) }?;
     Ok(())
@@ -346,11 +404,26 @@ pub fn sequence_forward_cuda(
 ) -> Result<()> {
     check_beta(beta as f64)?;
     let n = logp.len();
-    for (name, len) in [("ref_logp", ref_logp.len()), ("segment_ids", seg.len()), ("dloss_dlogp", dloss_dlogp.len())] {
-        ensure!(len == n, "{name}: expected {n} entries (as logp), got {len}");
+    for (name, len) in [
+        ("ref_logp", ref_logp.len()),
+        ("segment_ids", seg.len()),
+        ("dloss_dlogp", dloss_dlogp.len()),
+    ] {
+        ensure!(
+            len == n,
+            "{name}: expected {n} entries (as logp), got {len}"
+        );
     }
-    ensure!(seq_loss.len() == segments, "seq_loss: expected {segments} entries (one per segment), got {}", seq_loss.len());
-    ensure!(clamped.len() == 1, "clamped: expected a 1-entry counter, got {}", clamped.len());
+    ensure!(
+        seq_loss.len() == segments,
+        "seq_loss: expected {segments} entries (one per segment), got {}",
+        seq_loss.len()
+    );
+    ensure!(
+        clamped.len() == 1,
+        "clamped: expected a 1-entry counter, got {}",
+        clamped.len()
+    );
     dev.stream().memset_zeros(clamped)?;
     if segments == 0 {
         if n > 0 {
@@ -362,13 +435,32 @@ pub fn sequence_forward_cuda(
     let mut lo = stream.alloc_zeros::<i32>(segments)?;
     let mut hi = stream.alloc_zeros::<i32>(segments)?;
     let mut weights = stream.alloc_zeros::<f32>(segments)?;
-    segment_ranges_cuda(dev, seg, segments, &mut lo.as_view_mut(), &mut hi.as_view_mut())?;
+    segment_ranges_cuda(
+        dev,
+        seg,
+        segments,
+        &mut lo.as_view_mut(),
+        &mut hi.as_view_mut(),
+    )?;
     let (lo_s, hi_s) = safe_range_f32(div);
     let (d, s_i, n_i) = (div as i32, segments as i32, n as i32);
     let f = dev.function("sftloss", "fdiv_seq_forward")?;
-    let cfg = LaunchConfig { grid_dim: (segments as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (segments as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = stream.launch_builder(&f);
-    b.arg(&d).arg(&beta).arg(&lo_s).arg(&hi_s).arg(logp).arg(ref_logp).arg(seg).arg(&s_i).arg(&lo).arg(&hi);
+    b.arg(&d)
+        .arg(&beta)
+        .arg(&lo_s)
+        .arg(&hi_s)
+        .arg(logp)
+        .arg(ref_logp)
+        .arg(seg)
+        .arg(&s_i)
+        .arg(&lo)
+        .arg(&hi);
     b.arg(seq_loss).arg(&mut weights).arg(&mut *clamped);
     // SAFETY: the argument list matches `fdiv_seq_forward`; every buffer has its checked length.
     unsafe { b.launch(cfg) }?;
@@ -377,7 +469,11 @@ pub fn sequence_forward_cuda(
     }
     let f = dev.function("sftloss", "fdiv_seq_broadcast")?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&weights).arg(seg).arg(&n_i).arg(&s_i).arg(dloss_dlogp);
+    b.arg(&weights)
+        .arg(seg)
+        .arg(&n_i)
+        .arg(&s_i)
+        .arg(dloss_dlogp);
     // SAFETY: as above.
     unsafe { b.launch(elementwise_cfg(n)) }?;
     Ok(())
