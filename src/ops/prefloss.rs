@@ -26,6 +26,7 @@
 
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
 use std::fmt;
 use std::str::FromStr;
 
@@ -688,13 +689,19 @@ pub fn forward_cpu<T: Real>(
         0.0
     };
     let b = cfg.beta;
-    for i in 0..n {
-        let p = inputs.pair(i);
-        let l = pair_loss(cfg, &p, scale);
-        let (rc, rr) = (
-            b * (p.policy_chosen - p.ref_chosen),
-            b * (p.policy_rejected - p.ref_rejected),
-        );
+    // Pairs are independent: compute in parallel (chunks of ≥ 256 pairs to amortise the
+    // scheduling), then scatter into the caller's slices.
+    let results: Vec<(PairLoss, f64, f64)> = (0..n)
+        .into_par_iter()
+        .with_min_len(256)
+        .map(|i| {
+            let p = inputs.pair(i);
+            let rc = b * (p.policy_chosen - p.ref_chosen);
+            let rr = b * (p.policy_rejected - p.ref_rejected);
+            (pair_loss(cfg, &p, scale), rc, rr)
+        })
+        .collect();
+    for (i, (l, rc, rr)) in results.into_iter().enumerate() {
         out.loss[i] = T::from_f64(l.loss);
         out.dpolicy_chosen[i] = T::from_f64(l.dpolicy_chosen);
         out.dpolicy_rejected[i] = T::from_f64(l.dpolicy_rejected);
