@@ -2,3 +2,6 @@
 //! by side, with the same semantics (see `REFERENCE.md` §2–§8).
 
 pub mod logsoftmax;
+pub mod prefloss;
+pub mod seqreduce;
+pub mod sftloss;
