@@ -70,12 +70,17 @@ fn main() {
                 "cargo:warning=irbridge: no CUDA compiler found (nvcc or .cuda-toolchain/); building \
                  the CPU engine only. Run scripts/install-cuda-toolchain to embed the CUDA kernels."
             );
-            generated.push_str("/// No CUDA compiler was found at build time.\npub const TOOLCHAIN: Option<&str> = None;\n");
+            generated
+                .push_str("/// No CUDA compiler was found at build time.\npub const TOOLCHAIN: Option<&str> = None;\n");
             generated.push_str("/// The kernel images embedded in this build (none).\npub const KERNEL_IMAGES: &[KernelImage] = &[];\n");
         }
         Some(tc) => {
             let desc = tc.describe();
-            writeln!(generated, "/// The CUDA compiler used at build time.\npub const TOOLCHAIN: Option<&str> = Some({desc:?});").unwrap();
+            writeln!(
+                generated,
+                "/// The CUDA compiler used at build time.\npub const TOOLCHAIN: Option<&str> = Some({desc:?});"
+            )
+            .unwrap();
             generated.push_str("/// The kernel images embedded in this build, one per `kernels/*.cu`.\npub const KERNEL_IMAGES: &[KernelImage] = &[\n");
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
@@ -127,7 +132,10 @@ fn check_spills(stem: &str, log: &str) {
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(0);
             if stores > 0 || loads > 0 {
-                panic!("kernels/{stem}.cu: register spill in `{function}` ({}):\n{log}", line.trim());
+                panic!(
+                    "kernels/{stem}.cu: register spill in `{function}` ({}):\n{log}",
+                    line.trim()
+                );
             }
         }
     }
@@ -213,7 +221,10 @@ impl Toolchain {
                 let _ = std::fs::remove_file(&out);
                 Ok(Compiled { image, log })
             }
-            Toolchain::Nvrtc { lib, include: cuda_include } => {
+            Toolchain::Nvrtc {
+                lib,
+                include: cuda_include,
+            } => {
                 let source = std::fs::read_to_string(src).map_err(|e| e.to_string())?;
                 let opts = vec![
                     format!("--gpu-architecture={arch}"),
@@ -247,7 +258,14 @@ fn nvrtc_version(lib: &Path) -> Result<(i32, i32), String> {
 
 /// Drives NVRTC through its C API (only the nine entry points this needs).
 fn nvrtc_compile(lib: &Path, source: &str, name: &str, opts: &[String], cubin: bool) -> Result<Compiled, String> {
-    type Create = unsafe extern "C" fn(*mut NvrtcProgram, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+    type Create = unsafe extern "C" fn(
+        *mut NvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int;
     type CompileFn = unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int;
     type SizeFn = unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int;
     type GetFn = unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int;
@@ -275,7 +293,14 @@ fn nvrtc_compile(lib: &Path, source: &str, name: &str, opts: &[String], cubin: b
         let c_src = CString::new(source).map_err(|e| e.to_string())?;
         let c_name = CString::new(name).map_err(|e| e.to_string())?;
         let mut prog: NvrtcProgram = std::ptr::null_mut();
-        let rc = create(&mut prog, c_src.as_ptr(), c_name.as_ptr(), 0, std::ptr::null(), std::ptr::null());
+        let rc = create(
+            &mut prog,
+            c_src.as_ptr(),
+            c_name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        );
         if rc != 0 {
             return Err(format!("nvrtcCreateProgram failed with code {rc}"));
         }

@@ -3,9 +3,7 @@
 //! objective over 1M tokens (token and sequence level).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use irbridge::ops::prefloss::{
-    self, FDivergence, LossType, PairInputs, PairOutputs, PrefLossConfig,
-};
+use irbridge::ops::prefloss::{self, FDivergence, LossType, PairInputs, PairOutputs, PrefLossConfig};
 use irbridge::ops::seqreduce::{self, Reduction, SeqReduceOut};
 use irbridge::ops::sftloss::{self, SftDivergence};
 use rand::rngs::StdRng;
@@ -14,9 +12,7 @@ use rand::{Rng, SeedableRng};
 fn seqreduce_bench(c: &mut Criterion) {
     let (rows, cols) = (64, 2048);
     let mut rng = StdRng::seed_from_u64(1);
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|_| rng.gen_range(-15.0..0.0))
-        .collect();
+    let values: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-15.0..0.0)).collect();
     let mask: Vec<u8> = (0..rows * cols).map(|_| rng.gen_bool(0.8) as u8).collect();
     let seg = seqreduce::segment_ids_from_mask(&mask, rows, cols).unwrap();
     let (mut s, mut n, mut m) = (vec![0f32; rows], vec![0i32; rows], vec![0f32; rows]);
@@ -57,16 +53,7 @@ fn seqreduce_bench(c: &mut Criterion) {
     let mut d = vec![0f32; rows * cols];
     g.bench_function("padded_backward_mean", |b| {
         b.iter(|| {
-            seqreduce::padded_backward_cpu(
-                black_box(&grad),
-                &n,
-                Reduction::Mean,
-                &mask,
-                rows,
-                cols,
-                &mut d,
-            )
-            .unwrap()
+            seqreduce::padded_backward_cpu(black_box(&grad), &n, Reduction::Mean, &mask, rows, cols, &mut d).unwrap()
         })
     });
     g.finish();
@@ -146,16 +133,7 @@ fn sftloss_bench(c: &mut Criterion) {
     for div in [SftDivergence::PearsonChi2, SftDivergence::JensenShannon] {
         g.bench_function(format!("token_{div}"), |b| {
             b.iter(|| {
-                sftloss::token_forward_cpu(
-                    div,
-                    0.1,
-                    black_box(&logp),
-                    &ref_logp,
-                    &mask,
-                    &mut loss,
-                    &mut grad,
-                )
-                .unwrap()
+                sftloss::token_forward_cpu(div, 0.1, black_box(&logp), &ref_logp, &mask, &mut loss, &mut grad).unwrap()
             })
         });
     }

@@ -2,6 +2,11 @@
 #pragma once
 #include <cuda_bf16.h>
 
+// NVRTC has no <math.h>, so INFINITY (used by the block max) is defined here.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define IRB_IGNORE_INDEX (-100)
 
 __device__ __forceinline__ float irb_to_float(float x) { return x; }

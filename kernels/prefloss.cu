@@ -1,10 +1,6 @@
 // Preference (DPO-family) losses: one thread per pair, every weighted term summed in-kernel.
 // Mirrors src/ops/prefloss.rs term by term. The per-pair math is in f64 (pairs are few, and f64
 // keeps policy-ref differences of large sums and the clamped score exponentials exact); I/O is f32.
-// NVRTC has no <math.h> macros and common.cuh's block max uses INFINITY.
-#ifndef INFINITY
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 #include "common.cuh"
 
 #define PREF_MAX_TERMS 8

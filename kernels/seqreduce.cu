@@ -5,10 +5,6 @@
 // the result does not depend on scheduling. Packed segments first get their token range
 // [lo, hi] from integer atomicMin/atomicMax (order-independent), then one block per segment scans
 // only that range. Segment ids outside [-1, S) are skipped (the host twin rejects them).
-// NVRTC has no <math.h> macros and common.cuh's block max uses INFINITY.
-#ifndef INFINITY
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 #include "common.cuh"
 
 #define SEQ_BLOCK 256

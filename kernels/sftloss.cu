@@ -1,10 +1,6 @@
 // f-divergence SFT objectives (token and sequence level). Mirrors src/ops/sftloss.rs in f32:
 // s is clamped into the safe range [lo, hi] (computed on the host) before h and h' are evaluated,
 // and every clamped token / sequence is counted in `clamped` (integer atomics: deterministic).
-// NVRTC has no <math.h> macros and common.cuh's block max uses INFINITY.
-#ifndef INFINITY
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 #include "common.cuh"
 
 #define FDIV_BLOCK 256

@@ -6,7 +6,11 @@ use irbridge::device::{cuda_unavailable_reason, CudaDevice};
 use irbridge::kernels;
 
 #[derive(Parser)]
-#[command(name = "irbridge", version, about = "SFT and DPO post-training around the implicit reward β·log π/π_ref")]
+#[command(
+    name = "irbridge",
+    version,
+    about = "SFT and DPO post-training around the implicit reward β·log π/π_ref"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +41,11 @@ fn info() -> Result<()> {
     match kernels::TOOLCHAIN {
         Some(tc) => {
             let names: Vec<&str> = kernels::KERNEL_IMAGES.iter().map(|k| k.name).collect();
-            println!("kernels: {} modules compiled with {tc}: {}", names.len(), names.join(", "));
+            println!(
+                "kernels: {} modules compiled with {tc}: {}",
+                names.len(),
+                names.join(", ")
+            );
         }
         None => println!("kernels: none (built without a CUDA compiler; CPU engine only)"),
     }

@@ -15,17 +15,12 @@ use serde_json::Value;
 
 fn losses_json() -> Value {
     let path = common::fixtures().join("golden/losses.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 fn i32s(v: &Value) -> Vec<i32> {
@@ -102,11 +97,7 @@ fn golden_config(j: &Value, beta: f64, entry: &Value) -> PrefLossConfig {
     PrefLossConfig {
         terms: vec![(entry["loss_type"].as_str().unwrap().parse().unwrap(), 1.0)],
         beta,
-        f_divergence: entry["f_divergence_type"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap(),
+        f_divergence: entry["f_divergence_type"].as_str().unwrap().parse().unwrap(),
         alpha: c["alpha_divergence_alpha"].as_f64().unwrap(),
         label_smoothing: 0.0,
         robust_eps: c["robust_label_smoothing"].as_f64().unwrap(),
@@ -131,13 +122,7 @@ fn dpo_goldens_every_loss_type_and_beta() {
             let mut out = Outs::<f64>::new(16);
             prefloss::forward_cpu(&cfg, &pairs.inputs(), out.view()).unwrap();
             let what = format!("β={beta} {key}");
-            common::assert_close(
-                &format!("{what} loss"),
-                &out.v[0],
-                &f64s(&entry["loss"]),
-                1e-9,
-                1e-12,
-            );
+            common::assert_close(&format!("{what} loss"), &out.v[0], &f64s(&entry["loss"]), 1e-9, 1e-12);
             common::assert_close(
                 &format!("{what} dchosen"),
                 &out.v[1],
@@ -162,10 +147,7 @@ fn dpo_goldens_every_loss_type_and_beta() {
             checked += 1;
         }
     }
-    assert_eq!(
-        checked, 30,
-        "2 β tables × (12 loss types + 3 f-divergences)"
-    );
+    assert_eq!(checked, 30, "2 β tables × (12 loss types + 3 f-divergences)");
 }
 
 #[test]
@@ -187,31 +169,12 @@ fn dpo_metrics_goldens_with_strict_accuracy() {
             (5, "rewards/margins"),
             (6, "rewards/accuracies"),
         ] {
-            common::assert_close(
-                &format!("β={beta} {name}"),
-                &out.v[k],
-                &f64s(&m[name]),
-                1e-9,
-                1e-12,
-            );
+            common::assert_close(&format!("β={beta} {name}"), &out.v[k], &f64s(&m[name]), 1e-9, 1e-12);
         }
-        assert_eq!(
-            out.v[6][0], 0.0,
-            "pair 0 has policy == ref: strict accuracy must be 0"
-        );
-        assert_eq!(
-            out.v[6][1], 0.0,
-            "pair 1 has r_w == r_l: strict accuracy must be 0"
-        );
-        let bm = BatchMetrics::from_pairs(
-            &pairs.inputs(),
-            &out.v[0],
-            &out.v[3],
-            &out.v[4],
-            &out.v[5],
-            &out.v[6],
-        )
-        .unwrap();
+        assert_eq!(out.v[6][0], 0.0, "pair 0 has policy == ref: strict accuracy must be 0");
+        assert_eq!(out.v[6][1], 0.0, "pair 1 has r_w == r_l: strict accuracy must be 0");
+        let bm =
+            BatchMetrics::from_pairs(&pairs.inputs(), &out.v[0], &out.v[3], &out.v[4], &out.v[5], &out.v[6]).unwrap();
         for (name, got) in bm.named() {
             let want = if name == "loss" {
                 cfg_j["losses"]["sigmoid"]["mean_loss"].as_f64().unwrap()
@@ -220,13 +183,7 @@ fn dpo_metrics_goldens_with_strict_accuracy() {
                     .as_f64()
                     .unwrap_or_else(|| panic!("metrics.mean.{name} missing"))
             };
-            common::assert_close(
-                &format!("β={beta} mean {name}"),
-                &[got],
-                &[want],
-                1e-9,
-                1e-12,
-            );
+            common::assert_close(&format!("β={beta} mean {name}"), &[got], &[want], 1e-9, 1e-12);
         }
         // Step 0 of DPO (policy == ref): the sigmoid loss is exactly ln 2.
         assert!((out.v[0][0] - std::f64::consts::LN_2).abs() < 1e-15);
@@ -249,21 +206,12 @@ fn sft_fdiv_golden_sets() {
             assert_eq!(div.to_string(), *name);
             let mut loss = vec![0f64; logp.len()];
             let mut grad = vec![0f64; logp.len()];
-            let clamped = sftloss::token_forward_cpu(
-                div, beta, &logp, &ref_logp, &mask, &mut loss, &mut grad,
-            )
-            .unwrap();
+            let clamped = sftloss::token_forward_cpu(div, beta, &logp, &ref_logp, &mask, &mut loss, &mut grad).unwrap();
             assert_eq!(
                 clamped, 0,
                 "{name} β={beta}: every golden token is inside the safe range"
             );
-            common::assert_close(
-                &format!("{name} β={beta} loss"),
-                &loss,
-                &f64s(&d["loss"]),
-                1e-9,
-                1e-12,
-            );
+            common::assert_close(&format!("{name} β={beta} loss"), &loss, &f64s(&d["loss"]), 1e-9, 1e-12);
             common::assert_close(
                 &format!("{name} β={beta} dloss_dlogp"),
                 &grad,
@@ -298,17 +246,10 @@ fn sft_fdiv_boundary_probes() {
             );
             for (got, key) in [(div.h(s), "h"), (div.h_prime(s), "h_prime")] {
                 match p[key].as_f64() {
-                    Some(want) => common::assert_close(
-                        &format!("{name} {key}({s})"),
-                        &[got.unwrap()],
-                        &[want],
-                        1e-9,
-                        1e-12,
-                    ),
-                    None => assert_eq!(
-                        got, None,
-                        "{name} {key}({s}) must be None outside the domain"
-                    ),
+                    Some(want) => {
+                        common::assert_close(&format!("{name} {key}({s})"), &[got.unwrap()], &[want], 1e-9, 1e-12)
+                    }
+                    None => assert_eq!(got, None, "{name} {key}({s}) must be None outside the domain"),
                 }
             }
         }
@@ -327,9 +268,7 @@ fn sft_fdiv_clamps_and_counts_out_of_domain_tokens() {
     for div in SftDivergence::ALL {
         let mut loss = vec![0f64; s.len()];
         let mut grad = vec![0f64; s.len()];
-        let n =
-            sftloss::token_forward_cpu(div, beta, &logp, &ref_logp, &mask, &mut loss, &mut grad)
-                .unwrap();
+        let n = sftloss::token_forward_cpu(div, beta, &logp, &ref_logp, &mask, &mut loss, &mut grad).unwrap();
         assert_eq!(n, expect_clamped(div), "{div}");
         for (i, &x) in s.iter().enumerate() {
             assert!(
@@ -344,17 +283,11 @@ fn sft_fdiv_clamps_and_counts_out_of_domain_tokens() {
                 "{div} s={x}: weight {w} outside [0, 100]"
             );
             if !div.in_domain(x) {
-                assert!(
-                    div.clamp(x).1,
-                    "{div} s={x} is outside the domain and must be clamped"
-                );
+                assert!(div.clamp(x).1, "{div} s={x} is outside the domain and must be clamped");
             }
         }
     }
-    let counts: Vec<usize> = SftDivergence::ALL
-        .iter()
-        .map(|&d| expect_clamped(d))
-        .collect();
+    let counts: Vec<usize> = SftDivergence::ALL.iter().map(|&d| expect_clamped(d)).collect();
     // tv never clamps; pearson clamps −1.5, −1, −50; neyman 2.5, 50; hellinger −1.5, −1, −0.95, −50;
     // JS −1.5, −1, −0.95, −0.69 (inside the domain but past the weight-100 margin) and reverse_kl −50.
     assert_eq!(counts, vec![0, 3, 2, 4, 5, 1]);
@@ -405,8 +338,7 @@ fn preference_gradients_match_finite_differences() {
                 let g = prefloss::pair_loss(&cfg, &p, sft_scale);
                 // Hinge has a kink at βΔ = 1: keep clear of it.
                 if cfg.terms[0].0 == LossType::Hinge {
-                    let dz = cfg.beta
-                        * ((p.policy_chosen - p.ref_chosen) - (p.policy_rejected - p.ref_rejected));
+                    let dz = cfg.beta * ((p.policy_chosen - p.ref_chosen) - (p.policy_rejected - p.ref_rejected));
                     if cfg.f_divergence == FDivergence::ReverseKl && (dz - 1.0).abs() < 1e-3 {
                         continue;
                     }
@@ -535,9 +467,7 @@ fn sft_term_mean_is_token_mean_nll_of_chosen() {
         "mean {} vs token-mean NLL {nll}",
         mean(&out.v[0])
     );
-    assert!(out.v[1]
-        .iter()
-        .all(|&g| (g + 16.0 / tokens as f64).abs() < 1e-15));
+    assert!(out.v[1].iter().all(|&g| (g + 16.0 / tokens as f64).abs() < 1e-15));
     assert!(out.v[2].iter().all(|&g| g == 0.0));
 }
 
@@ -654,10 +584,7 @@ fn preference_names_configs_and_input_errors() {
     let err = prefloss::forward_cpu(&PrefLossConfig::default(), &bad, out.view())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("ref_chosen") && err.contains("expected 2"),
-        "{err}"
-    );
+    assert!(err.contains("ref_chosen") && err.contains("expected 2"), "{err}");
     let nan = [f64::NAN, -2.0];
     let bad = PairInputs {
         policy_chosen: &nan,
@@ -680,12 +607,10 @@ fn preference_names_configs_and_input_errors() {
         chosen_counts: &c,
         rejected_counts: &neg,
     };
-    assert!(
-        prefloss::forward_cpu(&PrefLossConfig::default(), &bad, out.view())
-            .unwrap_err()
-            .to_string()
-            .contains("rejected_counts[1]")
-    );
+    assert!(prefloss::forward_cpu(&PrefLossConfig::default(), &bad, out.view())
+        .unwrap_err()
+        .to_string()
+        .contains("rejected_counts[1]"));
 }
 
 /// Random padded batch: values with some ±80 entries, a mask with an all-masked row.
@@ -709,18 +634,9 @@ fn random_padded(rng: &mut StdRng, rows: usize, cols: usize) -> (Vec<f32>, Vec<u
 #[test]
 fn seqreduce_padded_and_packed_random_shapes() {
     let mut rng = StdRng::seed_from_u64(3);
-    for (rows, cols) in [
-        (1, 1),
-        (1, 257),
-        (3, 7),
-        (5, 300),
-        (17, 1000),
-        (2, 2048),
-        (4, 0),
-    ] {
+    for (rows, cols) in [(1, 1), (1, 257), (3, 7), (5, 300), (17, 1000), (2, 2048), (4, 0)] {
         let (values, mask) = random_padded(&mut rng, rows, cols);
-        let (mut sums, mut counts, mut means) =
-            (vec![0f32; rows], vec![0i32; rows], vec![0f32; rows]);
+        let (mut sums, mut counts, mut means) = (vec![0f32; rows], vec![0i32; rows], vec![0f32; rows]);
         seqreduce::padded_forward_cpu(
             &values,
             &mask,
@@ -751,11 +667,7 @@ fn seqreduce_padded_and_packed_random_shapes() {
             assert!((means[r] as f64 - m).abs() <= 1e-6 * m.abs().max(1.0));
         }
         if rows > 1 && cols > 0 {
-            assert_eq!(
-                (sums[1], counts[1], means[1]),
-                (0.0, 0, 0.0),
-                "all-masked row"
-            );
+            assert_eq!((sums[1], counts[1], means[1]), (0.0, 0, 0.0), "all-masked row");
         }
         // The packed layout over the equivalent segment ids gives the same result.
         let seg = seqreduce::segment_ids_from_mask(&mask, rows, cols).unwrap();
@@ -777,26 +689,13 @@ fn seqreduce_padded_and_packed_random_shapes() {
         let grad: Vec<f32> = (0..rows).map(|_| rng.gen_range(-2.0..2.0)).collect();
         for reduction in [Reduction::Sum, Reduction::Mean] {
             let mut d = vec![f32::NAN; rows * cols];
-            seqreduce::padded_backward_cpu(&grad, &counts, reduction, &mask, rows, cols, &mut d)
-                .unwrap();
+            seqreduce::padded_backward_cpu(&grad, &counts, reduction, &mask, rows, cols, &mut d).unwrap();
             let mut d2 = vec![f32::NAN; rows * cols];
             seqreduce::packed_backward_cpu(&grad, &counts, reduction, &seg, rows, &mut d2).unwrap();
             assert_eq!(d, d2);
-            let lhs: f64 = d
-                .iter()
-                .zip(&values)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum();
-            let out = if reduction == Reduction::Sum {
-                &sums
-            } else {
-                &means
-            };
-            let rhs: f64 = grad
-                .iter()
-                .zip(out)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum();
+            let lhs: f64 = d.iter().zip(&values).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let out = if reduction == Reduction::Sum { &sums } else { &means };
+            let rhs: f64 = grad.iter().zip(out).map(|(&a, &b)| a as f64 * b as f64).sum();
             assert!(
                 (lhs - rhs).abs() <= 1e-5 * rhs.abs().max(1.0),
                 "{rows}×{cols} {reduction:?}: {lhs} vs {rhs}"
@@ -880,24 +779,12 @@ fn sequence_level_fdiv_is_token_formula_on_summed_ratio() {
     }
     for beta in [0.001, 0.01, 0.1] {
         let logp: Vec<f64> = (0..n).map(|_| rng.gen_range(-12.0..-0.1)).collect();
-        let ref_logp: Vec<f64> = logp
-            .iter()
-            .map(|&l| l - rng.gen_range(-0.5..0.45))
-            .collect();
+        let ref_logp: Vec<f64> = logp.iter().map(|&l| l - rng.gen_range(-0.5..0.45)).collect();
         for div in SftDivergence::ALL {
             let mut seq_loss = vec![0f64; segs];
             let mut w = vec![0f64; n];
-            let clamped = sftloss::sequence_forward_cpu(
-                div,
-                beta,
-                &logp,
-                &ref_logp,
-                &seg,
-                segs,
-                &mut seq_loss,
-                &mut w,
-            )
-            .unwrap();
+            let clamped =
+                sftloss::sequence_forward_cpu(div, beta, &logp, &ref_logp, &seg, segs, &mut seq_loss, &mut w).unwrap();
             let mut expect_clamped = 0;
             for (k, &got_loss) in seq_loss.iter().enumerate() {
                 let sum: f64 = (0..n)
@@ -906,13 +793,7 @@ fn sequence_level_fdiv_is_token_formula_on_summed_ratio() {
                     .sum();
                 let (l, g, c) = div.loss_and_grad(beta * sum, beta);
                 expect_clamped += c as usize;
-                common::assert_close(
-                    &format!("{div} β={beta} seq {k} loss"),
-                    &[got_loss],
-                    &[l],
-                    1e-9,
-                    1e-12,
-                );
+                common::assert_close(&format!("{div} β={beta} seq {k} loss"), &[got_loss], &[l], 1e-9, 1e-12);
                 for t in (0..n).filter(|&t| seg[t] == k as i32) {
                     assert_eq!(w[t], g, "{div} token {t}");
                 }
@@ -936,19 +817,8 @@ fn sequence_level_fdiv_is_token_formula_on_summed_ratio() {
     let ref_logp = [-1.5, -1.0, -3.0, -0.5];
     for div in SftDivergence::ALL {
         let (mut sl, mut sw, mut tl, mut tw) = ([0f64; 4], [0f64; 4], [0f64; 4], [0f64; 4]);
-        let a = sftloss::sequence_forward_cpu(
-            div,
-            0.5,
-            &logp,
-            &ref_logp,
-            &[0, 1, 2, 3],
-            4,
-            &mut sl,
-            &mut sw,
-        )
-        .unwrap();
-        let b = sftloss::token_forward_cpu(div, 0.5, &logp, &ref_logp, &[1; 4], &mut tl, &mut tw)
-            .unwrap();
+        let a = sftloss::sequence_forward_cpu(div, 0.5, &logp, &ref_logp, &[0, 1, 2, 3], 4, &mut sl, &mut sw).unwrap();
+        let b = sftloss::token_forward_cpu(div, 0.5, &logp, &ref_logp, &[1; 4], &mut tl, &mut tw).unwrap();
         assert_eq!((a, sl, sw), (b, tl, tw), "{div}");
     }
 }
@@ -970,27 +840,10 @@ fn token_level_fdiv_masks_and_validates() {
     .unwrap();
     assert_eq!((l[1], g[1]), (0.0, 0.0), "masked token");
     assert_eq!((l[2], g[2]), (0.0, -1.0), "s = 0: loss 0, NLL weight");
-    let err = sftloss::token_forward_cpu(
-        SftDivergence::Tv,
-        0.1,
-        &logp,
-        &ref_logp[..2],
-        &[1; 3],
-        &mut l,
-        &mut g,
-    )
-    .unwrap_err();
+    let err =
+        sftloss::token_forward_cpu(SftDivergence::Tv, 0.1, &logp, &ref_logp[..2], &[1; 3], &mut l, &mut g).unwrap_err();
     assert!(err.to_string().contains("ref_logp"), "{err}");
-    assert!(sftloss::token_forward_cpu(
-        SftDivergence::Tv,
-        -1.0,
-        &logp,
-        &ref_logp,
-        &[1; 3],
-        &mut l,
-        &mut g
-    )
-    .is_err());
+    assert!(sftloss::token_forward_cpu(SftDivergence::Tv, -1.0, &logp, &ref_logp, &[1; 3], &mut l, &mut g).is_err());
     assert!("kl".parse::<SftDivergence>().is_err());
 }
 
@@ -1010,10 +863,7 @@ mod gpu {
         d.stream().clone_htod(v).unwrap()
     }
 
-    fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(
-        d: &CudaDevice,
-        v: &CudaSlice<T>,
-    ) -> Vec<T> {
+    fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(d: &CudaDevice, v: &CudaSlice<T>) -> Vec<T> {
         d.stream().clone_dtoh(v).unwrap()
     }
 
@@ -1034,17 +884,8 @@ mod gpu {
         nr: &[i32],
     ) -> Vec<Vec<f32>> {
         let n = pc.len();
-        let (pc, pr, rc, rr, nc, nr) = (
-            up(d, pc),
-            up(d, pr),
-            up(d, rc),
-            up(d, rr),
-            up(d, nc),
-            up(d, nr),
-        );
-        let mut o: Vec<CudaSlice<f32>> = (0..7)
-            .map(|_| d.stream().alloc_zeros::<f32>(n).unwrap())
-            .collect();
+        let (pc, pr, rc, rr, nc, nr) = (up(d, pc), up(d, pr), up(d, rc), up(d, rr), up(d, nc), up(d, nr));
+        let mut o: Vec<CudaSlice<f32>> = (0..7).map(|_| d.stream().alloc_zeros::<f32>(n).unwrap()).collect();
         {
             let [a, b, c, e, f, g, h] = &mut o[..] else {
                 unreachable!()
@@ -1213,20 +1054,8 @@ mod gpu {
             )
             .unwrap();
             assert_eq!(down(&d, &gc), c);
-            common::assert_close(
-                "gpu padded sums",
-                &widen(&down(&d, &gs)),
-                &widen(&s),
-                1e-5,
-                1e-4,
-            );
-            common::assert_close(
-                "gpu padded means",
-                &widen(&down(&d, &gm)),
-                &widen(&m),
-                1e-5,
-                1e-5,
-            );
+            common::assert_close("gpu padded sums", &widen(&down(&d, &gs)), &widen(&s), 1e-5, 1e-4);
+            common::assert_close("gpu padded means", &widen(&down(&d, &gm)), &widen(&m), 1e-5, 1e-5);
             let seg = seqreduce::segment_ids_from_mask(&mask, rows, cols).unwrap();
             let dseg = up(&d, &seg);
             let (mut ps, mut pcn, mut pm) = (
@@ -1263,8 +1092,7 @@ mod gpu {
             let (dg, dc) = (up(&d, &grad), up(&d, &c));
             for reduction in [Reduction::Sum, Reduction::Mean] {
                 let mut want = vec![0f32; rows * cols];
-                seqreduce::padded_backward_cpu(&grad, &c, reduction, &mask, rows, cols, &mut want)
-                    .unwrap();
+                seqreduce::padded_backward_cpu(&grad, &c, reduction, &mask, rows, cols, &mut want).unwrap();
                 let mut out = d.stream().alloc_zeros::<f32>(rows * cols).unwrap();
                 seqreduce::padded_backward_cuda(
                     &d,
@@ -1277,13 +1105,7 @@ mod gpu {
                     &mut out.as_view_mut(),
                 )
                 .unwrap();
-                common::assert_close(
-                    "gpu padded backward",
-                    &widen(&down(&d, &out)),
-                    &widen(&want),
-                    1e-6,
-                    0.0,
-                );
+                common::assert_close("gpu padded backward", &widen(&down(&d, &out)), &widen(&want), 1e-6, 0.0);
                 seqreduce::packed_backward_cuda(
                     &d,
                     &dg.as_view(),
@@ -1294,13 +1116,7 @@ mod gpu {
                     &mut out.as_view_mut(),
                 )
                 .unwrap();
-                common::assert_close(
-                    "gpu packed backward",
-                    &widen(&down(&d, &out)),
-                    &widen(&want),
-                    1e-6,
-                    0.0,
-                );
+                common::assert_close("gpu packed backward", &widen(&down(&d, &out)), &widen(&want), 1e-6, 0.0);
             }
         }
     }
@@ -1363,33 +1179,13 @@ mod gpu {
         let mask: Vec<u8> = (0..n).map(|_| rng.gen_bool(0.8) as u8).collect();
         let segs = 50;
         let seg: Vec<i32> = (0..n)
-            .map(|t| {
-                if mask[t] != 0 {
-                    (t * segs / n) as i32
-                } else {
-                    -1
-                }
-            })
+            .map(|t| if mask[t] != 0 { (t * segs / n) as i32 } else { -1 })
             .collect();
-        let (dl, dr, dm, ds) = (
-            up(&d, &logp),
-            up(&d, &ref_logp),
-            up(&d, &mask),
-            up(&d, &seg),
-        );
+        let (dl, dr, dm, ds) = (up(&d, &logp), up(&d, &ref_logp), up(&d, &mask), up(&d, &seg));
         for div in SftDivergence::ALL {
             for beta in [0.5f32, 0.002] {
                 let (mut l, mut g) = (vec![0f32; n], vec![0f32; n]);
-                let c = sftloss::token_forward_cpu(
-                    div,
-                    beta as f64,
-                    &logp,
-                    &ref_logp,
-                    &mask,
-                    &mut l,
-                    &mut g,
-                )
-                .unwrap();
+                let c = sftloss::token_forward_cpu(div, beta as f64, &logp, &ref_logp, &mask, &mut l, &mut g).unwrap();
                 let (mut gl, mut gg, mut gc) = (
                     d.stream().alloc_zeros::<f32>(n).unwrap(),
                     d.stream().alloc_zeros::<f32>(n).unwrap(),
@@ -1428,17 +1224,8 @@ mod gpu {
                 );
 
                 let (mut sl, mut sw) = (vec![0f32; segs], vec![0f32; n]);
-                let c = sftloss::sequence_forward_cpu(
-                    div,
-                    beta as f64,
-                    &logp,
-                    &ref_logp,
-                    &seg,
-                    segs,
-                    &mut sl,
-                    &mut sw,
-                )
-                .unwrap();
+                let c = sftloss::sequence_forward_cpu(div, beta as f64, &logp, &ref_logp, &seg, segs, &mut sl, &mut sw)
+                    .unwrap();
                 let (mut gsl, mut gsw) = (
                     d.stream().alloc_zeros::<f32>(segs).unwrap(),
                     d.stream().alloc_zeros::<f32>(n).unwrap(),
@@ -1456,11 +1243,7 @@ mod gpu {
                     &mut gc.as_view_mut(),
                 )
                 .unwrap();
-                assert_eq!(
-                    down(&d, &gc)[0] as usize,
-                    c,
-                    "{div} β={beta} sequence clamp count"
-                );
+                assert_eq!(down(&d, &gc)[0] as usize, c, "{div} β={beta} sequence clamp count");
                 common::assert_close(
                     &format!("gpu seq {div} loss"),
                     &widen(&down(&d, &gsl)),

@@ -150,10 +150,7 @@ impl FromStr for LossType {
             bail!("loss_type `{s}` (sorted-margin AOT) is not supported by irbridge");
         }
         let names: Vec<&str> = LossType::ALL.iter().map(|t| t.name()).collect();
-        bail!(
-            "unknown loss_type `{s}` (expected one of {})",
-            names.join(", ")
-        )
+        bail!("unknown loss_type `{s}` (expected one of {})", names.join(", "))
     }
 }
 
@@ -204,7 +201,9 @@ impl FromStr for FDivergence {
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         FDivergence::ALL.iter().copied().find(|d| d.name() == s).ok_or_else(|| {
-            anyhow::anyhow!("unknown f_divergence_type `{s}` (expected reverse_kl, forward_kl, js_divergence or alpha_divergence)")
+            anyhow::anyhow!(
+                "unknown f_divergence_type `{s}` (expected reverse_kl, forward_kl, js_divergence or alpha_divergence)"
+            )
         })
     }
 }
@@ -272,21 +271,14 @@ impl PrefLossConfig {
             self.terms.len()
         );
         for (t, w) in &self.terms {
-            ensure!(
-                w.is_finite(),
-                "loss weight of `{t}` must be finite, got {w}"
-            );
+            ensure!(w.is_finite(), "loss weight of `{t}` must be finite, got {w}");
         }
         ensure!(
             self.beta.is_finite() && self.beta > 0.0,
             "beta must be positive and finite, got {}",
             self.beta
         );
-        ensure!(
-            self.alpha.is_finite(),
-            "alpha must be finite, got {}",
-            self.alpha
-        );
+        ensure!(self.alpha.is_finite(), "alpha must be finite, got {}", self.alpha);
         ensure!(
             (0.0..0.5).contains(&self.label_smoothing),
             "label_smoothing must be in [0, 0.5), got {}",
@@ -542,10 +534,7 @@ fn term(cfg: &PrefLossConfig, t: LossType, p: &Pair, s_w: f64, s_l: f64, sft_sca
 /// The weighted loss of one pair and its policy gradients, in f64. `sft_scale` is
 /// `P / max(Σ|y_w|, 1)` over the batch (only read by the `sft` term; see [`sft_scale`]).
 pub fn pair_loss(cfg: &PrefLossConfig, p: &Pair, sft_scale: f64) -> PairLoss {
-    let (r_w, r_l) = (
-        p.policy_chosen - p.ref_chosen,
-        p.policy_rejected - p.ref_rejected,
-    );
+    let (r_w, r_l) = (p.policy_chosen - p.ref_chosen, p.policy_rejected - p.ref_rejected);
     let (s_w, ds_w) = score(cfg.f_divergence, cfg.alpha, r_w);
     let (s_l, ds_l) = score(cfg.f_divergence, cfg.alpha, r_l);
     let mut out = PairLoss {
@@ -665,21 +654,14 @@ impl<T> PairOutputs<'_, T> {
             ("margins", self.margins.len()),
             ("accuracies", self.accuracies.len()),
         ] {
-            ensure!(
-                len == n,
-                "{name}: expected {n} entries (one per pair), got {len}"
-            );
+            ensure!(len == n, "{name}: expected {n} entries (one per pair), got {len}");
         }
         Ok(())
     }
 }
 
 /// CPU twin of the preference-loss kernel (f64 math whatever `T` is).
-pub fn forward_cpu<T: Real>(
-    cfg: &PrefLossConfig,
-    inputs: &PairInputs<'_, T>,
-    out: PairOutputs<'_, T>,
-) -> Result<()> {
+pub fn forward_cpu<T: Real>(cfg: &PrefLossConfig, inputs: &PairInputs<'_, T>, out: PairOutputs<'_, T>) -> Result<()> {
     cfg.validate()?;
     let n = inputs.check()?;
     out.check(n)?;
@@ -872,10 +854,7 @@ pub fn forward_cuda(
 ) -> Result<()> {
     cfg.validate()?;
     let n = inputs.policy_chosen.len();
-    ensure!(
-        n <= i32::MAX as usize,
-        "policy_chosen: {n} pairs exceed the i32 range"
-    );
+    ensure!(n <= i32::MAX as usize, "policy_chosen: {n} pairs exceed the i32 range");
     for (name, len) in [
         ("policy_rejected", inputs.policy_rejected.len()),
         ("ref_chosen", inputs.ref_chosen.len()),

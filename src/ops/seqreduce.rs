@@ -128,10 +128,7 @@ pub fn padded_forward_cpu(
     let stats: Vec<(f64, usize)> = (0..rows)
         .into_par_iter()
         .map(|r| {
-            let (v, m) = (
-                &values[r * cols..(r + 1) * cols],
-                &mask[r * cols..(r + 1) * cols],
-            );
+            let (v, m) = (&values[r * cols..(r + 1) * cols], &mask[r * cols..(r + 1) * cols]);
             v.iter()
                 .zip(m)
                 .filter(|(_, &m)| m != 0)
@@ -149,11 +146,7 @@ pub fn padded_forward_cpu(
 const PACKED_CHUNK: usize = 16 * 1024;
 
 /// Per-segment f64 sums and counts of the packed layout (ids already validated).
-pub(crate) fn packed_sums_f64(
-    values: impl Fn(usize) -> f64 + Sync,
-    seg: &[i32],
-    segments: usize,
-) -> Vec<(f64, usize)> {
+pub(crate) fn packed_sums_f64(values: impl Fn(usize) -> f64 + Sync, seg: &[i32], segments: usize) -> Vec<(f64, usize)> {
     let partials: Vec<Vec<(f64, usize)>> = seg
         .par_chunks(PACKED_CHUNK)
         .enumerate()
@@ -180,12 +173,7 @@ pub(crate) fn packed_sums_f64(
 }
 
 /// CPU twin of the packed forward: reduces `values[i]` into segment `seg[i]`.
-pub fn packed_forward_cpu(
-    values: &[f32],
-    seg: &[i32],
-    segments: usize,
-    mut out: SeqReduceOut<'_>,
-) -> Result<()> {
+pub fn packed_forward_cpu(values: &[f32], seg: &[i32], segments: usize, mut out: SeqReduceOut<'_>) -> Result<()> {
     ensure!(
         values.len() == seg.len(),
         "values: expected {} entries (one per segment id), got {}",
@@ -270,16 +258,13 @@ pub fn packed_backward_cpu(
         seg.len(),
         dvalues.len()
     );
-    dvalues
-        .par_iter_mut()
-        .zip(seg.par_iter())
-        .for_each(|(d, &s)| {
-            *d = if s >= 0 {
-                scale(grad[s as usize], counts[s as usize], reduction)
-            } else {
-                0.0
-            };
-        });
+    dvalues.par_iter_mut().zip(seg.par_iter()).for_each(|(d, &s)| {
+        *d = if s >= 0 {
+            scale(grad[s as usize], counts[s as usize], reduction)
+        } else {
+            0.0
+        };
+    });
     Ok(())
 }
 
@@ -300,21 +285,9 @@ fn check_outs_cuda(
     means: &CudaViewMut<'_, f32>,
     n: usize,
 ) -> Result<()> {
-    ensure!(
-        sums.len() == n,
-        "sums: expected {n} entries, got {}",
-        sums.len()
-    );
-    ensure!(
-        counts.len() == n,
-        "counts: expected {n} entries, got {}",
-        counts.len()
-    );
-    ensure!(
-        means.len() == n,
-        "means: expected {n} entries, got {}",
-        means.len()
-    );
+    ensure!(sums.len() == n, "sums: expected {n} entries, got {}", sums.len());
+    ensure!(counts.len() == n, "counts: expected {n} entries, got {}", counts.len());
+    ensure!(means.len() == n, "means: expected {n} entries, got {}", means.len());
     Ok(())
 }
 
@@ -343,13 +316,7 @@ pub fn padded_forward_cuda(
         shared_mem_bytes: 0,
     };
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(values)
-        .arg(mask)
-        .arg(&r)
-        .arg(&c)
-        .arg(sums)
-        .arg(counts)
-        .arg(means);
+    b.arg(values).arg(mask).arg(&r).arg(&c).arg(sums).arg(counts).arg(means);
     // SAFETY: argument list matches the kernel signature; lengths were checked above.
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -416,13 +383,7 @@ pub fn packed_forward_cuda(
     }
     let mut lo = dev.stream().alloc_zeros::<i32>(segments)?;
     let mut hi = dev.stream().alloc_zeros::<i32>(segments)?;
-    segment_ranges_cuda(
-        dev,
-        seg,
-        segments,
-        &mut lo.as_view_mut(),
-        &mut hi.as_view_mut(),
-    )?;
+    segment_ranges_cuda(dev, seg, segments, &mut lo.as_view_mut(), &mut hi.as_view_mut())?;
     let f = dev.function("seqreduce", "seq_packed_forward")?;
     let s = segments as i32;
     let cfg = LaunchConfig {
@@ -471,11 +432,7 @@ pub fn padded_backward_cuda(
         return Ok(());
     }
     let f = dev.function("seqreduce", "seq_padded_backward")?;
-    let (r, c, mean) = (
-        rows as i32,
-        cols as i32,
-        (reduction == Reduction::Mean) as i32,
-    );
+    let (r, c, mean) = (rows as i32, cols as i32, (reduction == Reduction::Mean) as i32);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(grad)
         .arg(counts)
@@ -525,19 +482,9 @@ pub fn packed_backward_cuda(
         return Ok(());
     }
     let f = dev.function("seqreduce", "seq_packed_backward")?;
-    let (n, s, mean) = (
-        seg.len() as i32,
-        segments as i32,
-        (reduction == Reduction::Mean) as i32,
-    );
+    let (n, s, mean) = (seg.len() as i32, segments as i32, (reduction == Reduction::Mean) as i32);
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(grad)
-        .arg(counts)
-        .arg(&mean)
-        .arg(seg)
-        .arg(&n)
-        .arg(&s)
-        .arg(dvalues);
+    b.arg(grad).arg(counts).arg(&mean).arg(seg).arg(&n).arg(&s).arg(dvalues);
     // SAFETY: argument list matches the kernel signature; lengths were checked above.
     unsafe { b.launch(elementwise_cfg(seg.len())) }?;
     Ok(())

@@ -147,16 +147,12 @@ impl SftDivergence {
 
     /// `h(s) = (f*)^{-1}(s)`; `None` outside the domain or where it is not finite.
     pub fn h(self, s: f64) -> Option<f64> {
-        self.in_domain(s)
-            .then(|| self.h_raw(s))
-            .filter(|v| v.is_finite())
+        self.in_domain(s).then(|| self.h_raw(s)).filter(|v| v.is_finite())
     }
 
     /// `h'(s)`, the per-token weight; `None` outside the domain or where it is not finite.
     pub fn h_prime(self, s: f64) -> Option<f64> {
-        self.in_domain(s)
-            .then(|| self.h_prime_raw(s))
-            .filter(|v| v.is_finite())
+        self.in_domain(s).then(|| self.h_prime_raw(s)).filter(|v| v.is_finite())
     }
 
     /// `(loss, dloss/dlogp, clamped)` for one score: `−h(s')/β`, `−h'(s')` at the clamped s'.
@@ -208,10 +204,7 @@ fn check_tokens<T: Real>(logp: &[T], ref_logp: &[T], n_other: usize, other: &str
         "ref_logp: expected {n} entries (as logp), got {}",
         ref_logp.len()
     );
-    ensure!(
-        n_other == n,
-        "{other}: expected {n} entries (as logp), got {n_other}"
-    );
+    ensure!(n_other == n, "{other}: expected {n} entries (as logp), got {n_other}");
     check_finite("logp", logp)?;
     check_finite("ref_logp", ref_logp)
 }
@@ -299,12 +292,9 @@ pub fn sequence_forward_cpu<T: Real>(
         weights[k] = g;
         clamped += c as usize;
     }
-    dloss_dlogp
-        .par_iter_mut()
-        .zip(seg.par_iter())
-        .for_each(|(d, &s)| {
-            *d = T::from_f64(if s >= 0 { weights[s as usize] } else { 0.0 });
-        });
+    dloss_dlogp.par_iter_mut().zip(seg.par_iter()).for_each(|(d, &s)| {
+        *d = T::from_f64(if s >= 0 { weights[s as usize] } else { 0.0 });
+    });
     Ok(clamped)
 }
 
@@ -341,20 +331,14 @@ pub fn token_forward_cuda(
 ) -> Result<()> {
     check_beta(beta as f64)?;
     let n = logp.len();
-    ensure!(
-        n <= i32::MAX as usize,
-        "logp: {n} tokens exceed the i32 range"
-    );
+    ensure!(n <= i32::MAX as usize, "logp: {n} tokens exceed the i32 range");
     for (name, len) in [
         ("ref_logp", ref_logp.len()),
         ("mask", mask.len()),
         ("loss", loss.len()),
         ("dloss_dlogp", dloss_dlogp.len()),
     ] {
-        ensure!(
-            len == n,
-            "{name}: expected {n} entries (as logp), got {len}"
-        );
+        ensure!(len == n, "{name}: expected {n} entries (as logp), got {len}");
     }
     ensure!(
         clamped.len() == 1,
@@ -409,10 +393,7 @@ pub fn sequence_forward_cuda(
         ("segment_ids", seg.len()),
         ("dloss_dlogp", dloss_dlogp.len()),
     ] {
-        ensure!(
-            len == n,
-            "{name}: expected {n} entries (as logp), got {len}"
-        );
+        ensure!(len == n, "{name}: expected {n} entries (as logp), got {len}");
     }
     ensure!(
         seq_loss.len() == segments,
@@ -435,13 +416,7 @@ pub fn sequence_forward_cuda(
     let mut lo = stream.alloc_zeros::<i32>(segments)?;
     let mut hi = stream.alloc_zeros::<i32>(segments)?;
     let mut weights = stream.alloc_zeros::<f32>(segments)?;
-    segment_ranges_cuda(
-        dev,
-        seg,
-        segments,
-        &mut lo.as_view_mut(),
-        &mut hi.as_view_mut(),
-    )?;
+    segment_ranges_cuda(dev, seg, segments, &mut lo.as_view_mut(), &mut hi.as_view_mut())?;
     let (lo_s, hi_s) = safe_range_f32(div);
     let (d, s_i, n_i) = (div as i32, segments as i32, n as i32);
     let f = dev.function("sftloss", "fdiv_seq_forward")?;
@@ -469,11 +444,7 @@ pub fn sequence_forward_cuda(
     }
     let f = dev.function("sftloss", "fdiv_seq_broadcast")?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&weights)
-        .arg(seg)
-        .arg(&n_i)
-        .arg(&s_i)
-        .arg(dloss_dlogp);
+    b.arg(&weights).arg(seg).arg(&n_i).arg(&s_i).arg(dloss_dlogp);
     // SAFETY: as above.
     unsafe { b.launch(elementwise_cfg(n)) }?;
     Ok(())
