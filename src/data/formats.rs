@@ -203,7 +203,7 @@ fn parse_json_array(name: &str, text: &str) -> Result<Vec<Record>> {
         .enumerate()
         .map(|(i, v)| {
             let source = format!("{name}[{i}]");
-            let row = parse_row(v).map_err(|e| anyhow!("{source}: {e}"))?;
+            let row = parse_row(v).map_err(|e| anyhow!("{source}: {e:#}"))?;
             Ok(Record { source, row })
         })
         .collect()
@@ -218,7 +218,7 @@ fn parse_jsonl(name: &str, text: &str) -> Result<Vec<Record>> {
         let source = format!("{name}:{}", i + 1);
         let v: Value = serde_json::from_str(line)
             .map_err(|e| anyhow!("{source}: malformed JSON at column {}: {e}", e.column()))?;
-        let row = parse_row(v).map_err(|e| anyhow!("{source}: {e}"))?;
+        let row = parse_row(v).map_err(|e| anyhow!("{source}: {e:#}"))?;
         out.push(Record { source, row });
     }
     Ok(out)

@@ -10,9 +10,9 @@
 //!
 //! Truncation is `keep_start` to `max_length` on prompt+completion, per sequence (chosen and
 //! rejected independently). Dropped, with a reason and a count, never silently trained:
-//! - DPO pairs whose prompt alone is ≥ `max_length` ([`DropReason::PromptTooLong`]; SFT rows in
-//!   that state are counted the same way);
-//! - sequences left with zero completion tokens ([`DropReason::EmptyCompletion`]);
+//! - DPO pairs whose prompt alone is ≥ `max_length` ([`DropReason::PromptTooLong`], TRL's rule);
+//! - sequences left with zero completion tokens ([`DropReason::EmptyCompletion`]; for SFT this
+//!   includes a prompt that fills `max_length`, as the fixtures README §6 words it);
 //! - DPO pairs whose chosen and rejected sequences are identical after truncation (zero gradient):
 //!   always counted in `n_identical_pairs`, dropped when `drop_identical_pairs` (the default).
 //!
@@ -29,6 +29,7 @@ use super::formats::{Content, Message, Record, Row, Turn};
 use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, ensure, Result};
+use rayon::prelude::*;
 use std::fmt;
 
 /// The prompt template applied to Alpaca and ShareGPT rows; `{prompt}` is replaced by the
@@ -188,7 +189,7 @@ pub struct TokenizeReport {
     pub n_examples: usize,
     /// Examples that reach the loss.
     pub n_kept: usize,
-    /// Dropped because the prompt alone is ≥ `max_length`.
+    /// DPO pairs dropped because the prompt alone is ≥ `max_length`.
     pub n_dropped_prompt_too_long: usize,
     /// Dropped because no completion token is left.
     pub n_dropped_empty_completion: usize,
@@ -301,25 +302,23 @@ pub fn tokenize_sft(
     tok: &Tokenizer,
     opts: &TokenizeOptions,
 ) -> Result<SftDataset> {
-    let mut enc = Encoder::new(tok, opts)?;
+    let enc = Encoder::new(tok, opts)?;
+    let encoded: Vec<Vec<SeqInfo>> = records
+        .par_iter()
+        .map(|rec| {
+            enc.sft_row(&rec.row)
+                .map_err(|e| anyhow!("{}: {e:#}", rec.source))
+        })
+        .collect::<Result<_>>()?;
     let mut report = TokenizeReport {
         n_rows: records.len(),
         ..Default::default()
     };
     let mut examples = Vec::new();
-    for rec in records {
-        let infos = enc
-            .sft_row(&rec.row)
-            .map_err(|e| anyhow!("{}: {e:#}", rec.source))?;
+    for (rec, infos) in records.iter().zip(encoded) {
         let n = infos.len();
         for (k, info) in infos.into_iter().enumerate() {
-            let dropped = if info.prompt_len >= opts.max_length {
-                Some(DropReason::PromptTooLong)
-            } else if info.seq.n_completion() == 0 {
-                Some(DropReason::EmptyCompletion)
-            } else {
-                None
-            };
+            let dropped = (info.seq.n_completion() == 0).then_some(DropReason::EmptyCompletion);
             report.count_drop(dropped);
             report.n_prompt_not_token_prefix += usize::from(!info.prompt_is_token_prefix);
             if dropped.is_none() {
@@ -348,16 +347,20 @@ pub fn tokenize_dpo(
     tok: &Tokenizer,
     opts: &TokenizeOptions,
 ) -> Result<DpoDataset> {
-    let mut enc = Encoder::new(tok, opts)?;
+    let enc = Encoder::new(tok, opts)?;
+    let encoded: Vec<(SeqInfo, SeqInfo)> = records
+        .par_iter()
+        .map(|rec| {
+            enc.dpo_row(&rec.row)
+                .map_err(|e| anyhow!("{}: {e:#}", rec.source))
+        })
+        .collect::<Result<_>>()?;
     let mut report = TokenizeReport {
         n_rows: records.len(),
         ..Default::default()
     };
     let mut examples = Vec::with_capacity(records.len());
-    for rec in records {
-        let (chosen, rejected) = enc
-            .dpo_row(&rec.row)
-            .map_err(|e| anyhow!("{}: {e:#}", rec.source))?;
+    for (rec, (chosen, rejected)) in records.iter().zip(encoded) {
         let mut dropped = if chosen.prompt_len >= opts.max_length {
             Some(DropReason::PromptTooLong)
         } else if chosen.seq.n_completion() == 0 || rejected.seq.n_completion() == 0 {
@@ -391,12 +394,13 @@ pub fn tokenize_dpo(
     Ok(DpoDataset { examples, report })
 }
 
-/// Per-dataset tokenisation state: the chat template is compiled on first use, so datasets
-/// without conversational rows work with tokenizers that have none.
+/// Per-dataset tokenisation state, shared by the worker threads (rows are independent). A
+/// missing or broken chat template is kept as its error message and only reported when a
+/// conversational row needs it, so plain-text datasets work with tokenizers that have none.
 struct Encoder<'a> {
     tok: &'a Tokenizer,
     opts: &'a TokenizeOptions,
-    template: Option<ChatTemplate>,
+    template: std::result::Result<ChatTemplate, String>,
 }
 
 impl<'a> Encoder<'a> {
@@ -407,19 +411,19 @@ impl<'a> Encoder<'a> {
             "prompt template {:?} has no `{{prompt}}` placeholder",
             opts.prompt_template
         );
+        let template = ChatTemplate::from_tokenizer(tok).map_err(|e| format!("{e:#}"));
         Ok(Self {
             tok,
             opts,
-            template: None,
+            template,
         })
     }
 
-    fn render(&mut self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = match &mut self.template {
-            Some(t) => t,
-            slot @ None => slot.insert(ChatTemplate::from_tokenizer(self.tok)?),
-        };
-        template.render(messages, add_generation_prompt)
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        match &self.template {
+            Ok(t) => t.render(messages, add_generation_prompt),
+            Err(msg) => bail!("{msg}"),
+        }
     }
 
     fn eos_text(&self) -> Result<&'a str> {
@@ -433,7 +437,7 @@ impl<'a> Encoder<'a> {
         self.opts.prompt_template.replace("{prompt}", prompt)
     }
 
-    fn sft_row(&mut self, row: &Row) -> Result<Vec<SeqInfo>> {
+    fn sft_row(&self, row: &Row) -> Result<Vec<SeqInfo>> {
         match row {
             Row::Text { text } => self.text_windows(text),
             Row::PromptCompletion { prompt, completion } => {
@@ -462,7 +466,7 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    fn dpo_row(&mut self, row: &Row) -> Result<(SeqInfo, SeqInfo)> {
+    fn dpo_row(&self, row: &Row) -> Result<(SeqInfo, SeqInfo)> {
         let (prompt, chosen, rejected) = match row {
             Row::Preference {
                 prompt: Some(p),
@@ -488,12 +492,35 @@ impl<'a> Encoder<'a> {
                 other.kind()
             ),
         };
-        Ok((self.pair(&prompt, &chosen)?, self.pair(&prompt, &rejected)?))
+        let prompt_ids = self.prompt_ids(&prompt)?;
+        Ok((
+            self.complete(&prompt, &prompt_ids, &chosen)?,
+            self.complete(&prompt, &prompt_ids, &rejected)?,
+        ))
     }
 
     /// TRL's explicit-prompt tokenisation of one prompt/completion sequence, truncated.
-    fn pair(&mut self, prompt: &Content, completion: &Content) -> Result<SeqInfo> {
-        let (prompt_ids, full_ids) = match (prompt, completion) {
+    fn pair(&self, prompt: &Content, completion: &Content) -> Result<SeqInfo> {
+        self.complete(prompt, &self.prompt_ids(prompt)?, completion)
+    }
+
+    /// `tok(prompt)`: plain text as `tok(text)`, conversations rendered with the generation prompt.
+    fn prompt_ids(&self, prompt: &Content) -> Result<Vec<u32>> {
+        match prompt {
+            Content::Text(p) => self.tok.encode(p),
+            Content::Messages(p) => self.tok.encode_plain(&self.render(p, true)?),
+        }
+    }
+
+    /// Tokenises prompt + completion jointly and splits it at `len(prompt_ids)` (computed once
+    /// per DPO pair and shared by both sides).
+    fn complete(
+        &self,
+        prompt: &Content,
+        prompt_ids: &[u32],
+        completion: &Content,
+    ) -> Result<SeqInfo> {
+        let full_ids = match (prompt, completion) {
             (Content::Text(p), Content::Text(c)) => {
                 let eos = self.eos_text()?;
                 let full = if c.ends_with(eos) {
@@ -501,20 +528,15 @@ impl<'a> Encoder<'a> {
                 } else {
                     format!("{p}{c}{eos}")
                 };
-                (self.tok.encode(p)?, self.tok.encode(&full)?)
+                self.tok.encode(&full)?
             }
             (Content::Messages(p), Content::Messages(c)) => {
-                let prompt_text = self.render(p, true)?;
                 let joint: Vec<Message> = p.iter().chain(c).cloned().collect();
-                let full_text = self.render(&joint, false)?;
-                (
-                    self.tok.encode_plain(&prompt_text)?,
-                    self.tok.encode_plain(&full_text)?,
-                )
+                self.tok.encode_plain(&self.render(&joint, false)?)?
             }
             _ => bail!("prompt and completion must both be strings or both be message lists"),
         };
-        let prompt_is_token_prefix = full_ids.starts_with(&prompt_ids);
+        let prompt_is_token_prefix = full_ids.starts_with(prompt_ids);
         let completion = full_ids.get(prompt_ids.len()..).unwrap_or(&[]);
         let mut seq = TokenizedSeq {
             input_ids: prompt_ids.iter().chain(completion).copied().collect(),
@@ -550,7 +572,7 @@ impl<'a> Encoder<'a> {
             .collect())
     }
 
-    fn messages(&mut self, messages: &[Message]) -> Result<SeqInfo> {
+    fn messages(&self, messages: &[Message]) -> Result<SeqInfo> {
         match self.opts.messages_loss {
             MessagesLoss::AllTokens => {
                 let ids = self.tok.encode_plain(&self.render(messages, false)?)?;
