@@ -290,25 +290,24 @@ fn tokenizer_ignores_truncation_block_and_reads_specials() {
     assert!(tok.chat_template().is_none());
 }
 
-/// A copy of the GPT-2 tokenizer whose config/post-processor asks for a BOS.
-fn bos_tokenizer(test: &str, via_post_processor: bool) -> Tokenizer {
+/// A copy of the GPT-2 tokenizer with a BOS-adding post-processor and/or `add_bos_token`.
+fn bos_tokenizer(test: &str, post_processor_bos: bool, add_bos_token: Option<bool>) -> Tokenizer {
     let src = common::fixtures().join("models/tiny-gpt2");
     let dir = temp_dir(test);
-    let mut tj: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
-            .unwrap();
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
-            .unwrap();
-    if via_post_processor {
+    let read = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(src.join(name)).unwrap()).unwrap()
+    };
+    let (mut tj, mut cfg) = (read("tokenizer.json"), read("tokenizer_config.json"));
+    if post_processor_bos {
         tj["post_processor"] = serde_json::json!({
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [EOS], "tokens": ["<|endoftext|>"]}}
         });
-    } else {
-        cfg["add_bos_token"] = Value::Bool(true);
+    }
+    if let Some(flag) = add_bos_token {
+        cfg["add_bos_token"] = Value::Bool(flag);
     }
     write(&dir, "tokenizer.json", &tj.to_string());
     write(&dir, "tokenizer_config.json", &cfg.to_string());
@@ -317,9 +316,9 @@ fn bos_tokenizer(test: &str, via_post_processor: bool) -> Tokenizer {
 
 #[test]
 fn never_a_double_bos() {
-    for via_pp in [false, true] {
-        let tok = bos_tokenizer(if via_pp { "bos-pp" } else { "bos-cfg" }, via_pp);
-        assert!(tok.adds_bos());
+    for (name, pp, flag) in [("bos-cfg", false, Some(true)), ("bos-pp", true, None)] {
+        let tok = bos_tokenizer(name, pp, flag);
+        assert!(tok.adds_bos(), "{name}");
         assert_eq!(tok.encode("Hello").unwrap(), vec![EOS, 15496]);
         assert_eq!(
             tok.encode("<|endoftext|>Hello").unwrap(),
@@ -336,6 +335,10 @@ fn never_a_double_bos() {
         );
         assert!(ds.examples[0].info.prompt_is_token_prefix);
     }
+    // `add_bos_token: false` overrides a post-processor that would add one.
+    let tok = bos_tokenizer("bos-off", true, Some(false));
+    assert!(!tok.adds_bos());
+    assert_eq!(tok.encode("Hello").unwrap(), vec![15496]);
 }
 
 // ---------------------------------------------------------------- REFERENCE §9 faults

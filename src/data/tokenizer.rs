@@ -5,6 +5,11 @@
 //! (the GPT-2 fixture carries `max_length: 50`, which would silently cut every longer row).
 //! `tokenizer_config.json` (falling back to `special_tokens_map.json`) supplies the bos/eos/pad
 //! tokens, `add_bos_token` and the chat template (`chat_template.jinja` beside it also counts).
+//!
+//! BOS follows transformers: added when the post-processor adds it, overridden by an explicit
+//! `add_bos_token`, and never doubled when the text already starts with the BOS string. Any EOS a
+//! post-processor would append (`add_eos_token`) is not applied: TRL appends EOS as text to
+//! completions, and an EOS after the prompt would break the prompt/completion split.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
