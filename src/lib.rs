@@ -4,6 +4,7 @@
 //! The crate is usable as an embeddable backend: the ops in [`ops`] run on caller-owned buffers
 //! (host slices on the CPU, cudarc device slices on CUDA) without the rest of the engine.
 
+pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod kernels;
