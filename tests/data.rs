@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 const EOS: u32 = 50256;
 
 fn gpt2() -> Tokenizer {
-    Tokenizer::from_dir(&common::fixtures().join("models/tiny-gpt2"))
-        .expect("loading tiny-gpt2 tokenizer")
+    Tokenizer::from_dir(&common::fixtures().join("models/tiny-gpt2")).expect("loading tiny-gpt2 tokenizer")
 }
 
 fn expected(name: &str) -> Value {
@@ -91,11 +90,7 @@ fn check_sft_golden(ds: &SftDataset, exp: &Value) {
     assert_eq!(ds.examples.len(), rows.len());
     for (i, (ex, want)) in ds.examples.iter().zip(rows).enumerate() {
         let info = &ex.info;
-        assert_eq!(
-            info.prompt_len,
-            usize_of(&want["prompt_len"]),
-            "row {i} prompt_len"
-        );
+        assert_eq!(info.prompt_len, usize_of(&want["prompt_len"]), "row {i} prompt_len");
         assert_eq!(
             info.full_completion_len,
             usize_of(&want["full_completion_len"]),
@@ -116,21 +111,13 @@ fn check_sft_golden(ds: &SftDataset, exp: &Value) {
             want["dropped"].as_bool().unwrap(),
             "row {i} dropped"
         );
-        assert_eq!(
-            info.seq.input_ids,
-            ids(&want["input_ids"]),
-            "row {i} input_ids"
-        );
+        assert_eq!(info.seq.input_ids, ids(&want["input_ids"]), "row {i} input_ids");
         assert_eq!(
             info.seq.completion_mask,
             mask(&want["completion_mask"]),
             "row {i} completion_mask"
         );
-        assert_eq!(
-            info.seq.n_completion(),
-            usize_of(&want["count"]),
-            "row {i} count"
-        );
+        assert_eq!(info.seq.n_completion(), usize_of(&want["count"]), "row {i} count");
     }
     let agg = &exp["aggregate"];
     let r = &ds.report;
@@ -167,22 +154,14 @@ fn check_dpo_golden(ds: &DpoDataset, exp: &Value) {
     assert_eq!(ds.examples.len(), rows.len());
     let mut dropped = Vec::new();
     for (i, (ex, want)) in ds.examples.iter().zip(rows).enumerate() {
-        assert_eq!(
-            ex.prompt_len(),
-            usize_of(&want["prompt_len"]),
-            "row {i} prompt_len"
-        );
+        assert_eq!(ex.prompt_len(), usize_of(&want["prompt_len"]), "row {i} prompt_len");
         assert_eq!(
             ex.dropped.is_some(),
             want["dropped"].as_bool().unwrap(),
             "row {i} dropped"
         );
         if ex.dropped.is_some() {
-            assert_eq!(
-                ex.dropped,
-                Some(DropReason::PromptTooLong),
-                "row {i} drop reason"
-            );
+            assert_eq!(ex.dropped, Some(DropReason::PromptTooLong), "row {i} drop reason");
             dropped.push(i);
         }
         assert_eq!(
@@ -192,11 +171,7 @@ fn check_dpo_golden(ds: &DpoDataset, exp: &Value) {
         );
         for (side, info) in [("chosen", &ex.chosen), ("rejected", &ex.rejected)] {
             let key = |k: &str| format!("{side}_{k}");
-            assert_eq!(
-                info.prompt_len,
-                ex.prompt_len(),
-                "row {i} {side} prompt_len"
-            );
+            assert_eq!(info.prompt_len, ex.prompt_len(), "row {i} {side} prompt_len");
             assert_eq!(
                 info.full_completion_len,
                 usize_of(&want[key("full_completion_len")]),
@@ -234,14 +209,8 @@ fn check_dpo_golden(ds: &DpoDataset, exp: &Value) {
     assert_eq!(r.n_dropped(), usize_of(&agg["n_dropped"]));
     assert_eq!(r.n_dropped_prompt_too_long, 6);
     assert_eq!(r.n_chosen_truncated, usize_of(&agg["n_chosen_truncated"]));
-    assert_eq!(
-        r.n_rejected_truncated,
-        usize_of(&agg["n_rejected_truncated"])
-    );
-    assert_eq!(
-        r.n_prompt_not_token_prefix,
-        usize_of(&agg["n_prompt_not_token_prefix"])
-    );
+    assert_eq!(r.n_rejected_truncated, usize_of(&agg["n_rejected_truncated"]));
+    assert_eq!(r.n_prompt_not_token_prefix, usize_of(&agg["n_prompt_not_token_prefix"]));
     assert_eq!(r.n_identical_pairs, 0);
 }
 
@@ -294,9 +263,8 @@ fn tokenizer_ignores_truncation_block_and_reads_specials() {
 fn bos_tokenizer(test: &str, post_processor_bos: bool, add_bos_token: Option<bool>) -> Tokenizer {
     let src = common::fixtures().join("models/tiny-gpt2");
     let dir = temp_dir(test);
-    let read = |name: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(src.join(name)).unwrap()).unwrap()
-    };
+    let read =
+        |name: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(src.join(name)).unwrap()).unwrap() };
     let (mut tj, mut cfg) = (read("tokenizer.json"), read("tokenizer_config.json"));
     if post_processor_bos {
         tj["post_processor"] = serde_json::json!({
@@ -347,9 +315,7 @@ fn never_a_double_bos() {
 fn trailing_space_shifts_the_boundary_and_is_counted() {
     let tok = gpt2();
     let prompt_ids = tok.encode("Question: why?\nAnswer: ").unwrap();
-    let full_ids = tok
-        .encode("Question: why?\nAnswer: Because<|endoftext|>")
-        .unwrap();
+    let full_ids = tok.encode("Question: why?\nAnswer: Because<|endoftext|>").unwrap();
     assert!(
         !full_ids.starts_with(&prompt_ids),
         "BPE merges the trailing space into the answer"
@@ -388,10 +354,7 @@ fn first_response_token_is_trained_and_eos_appended_once() {
     let p = a.prompt_len;
     assert_eq!(p, tok.encode("Say hi:").unwrap().len());
     assert_eq!(a.seq.completion_mask[p - 1], 0);
-    assert_eq!(
-        a.seq.completion_mask[p], 1,
-        "first response token must be trained"
-    );
+    assert_eq!(a.seq.completion_mask[p], 1, "first response token must be trained");
     assert_eq!(
         a.seq.input_ids[p..],
         [tok.encode(" hi").unwrap(), vec![EOS]].concat()[..]
@@ -433,16 +396,10 @@ fn eos_trained_when_pad_equals_eos() {
     );
     assert!(b.input_ids[n..b.seq_len].iter().all(|&i| i == pad));
     assert_eq!(
-        b.attention_mask[..b.seq_len]
-            .iter()
-            .map(|&m| m as usize)
-            .sum::<usize>(),
+        b.attention_mask[..b.seq_len].iter().map(|&m| m as usize).sum::<usize>(),
         n
     );
-    assert_eq!(
-        b.n_targets,
-        vec![seqs[0].n_completion(), seqs[1].n_completion()]
-    );
+    assert_eq!(b.n_targets, vec![seqs[0].n_completion(), seqs[1].n_completion()]);
     assert_eq!(b.lengths, vec![seqs[0].len(), seqs[1].len()]);
 }
 
@@ -453,12 +410,7 @@ fn truncation_leaving_an_empty_completion_is_dropped_and_counted() {
     let p = tok.encode(long_prompt).unwrap().len();
     assert!(p > 8);
     // SFT: the prompt fills max_length → no completion token left → dropped.
-    let ds = tokenize_sft(
-        &[pc(long_prompt, " eleven"), pc("one:", " two")],
-        &tok,
-        &opts(8),
-    )
-    .unwrap();
+    let ds = tokenize_sft(&[pc(long_prompt, " eleven"), pc("one:", " two")], &tok, &opts(8)).unwrap();
     assert_eq!(ds.examples[0].dropped, Some(DropReason::EmptyCompletion));
     assert_eq!(ds.examples[0].info.seq.n_completion(), 0);
     assert!(ds.examples[0].info.truncated);
@@ -470,12 +422,7 @@ fn truncation_leaving_an_empty_completion_is_dropped_and_counted() {
     assert_eq!(ds.examples[0].dropped, None);
     assert_eq!(ds.examples[0].info.seq.n_completion(), 1);
     // DPO: prompt ≥ max_length drops the pair.
-    let ds = tokenize_dpo(
-        &[pref(long_prompt, " a", " b"), pref("x:", " a", " b")],
-        &tok,
-        &opts(p),
-    )
-    .unwrap();
+    let ds = tokenize_dpo(&[pref(long_prompt, " a", " b"), pref("x:", " a", " b")], &tok, &opts(p)).unwrap();
     assert_eq!(ds.examples[0].dropped, Some(DropReason::PromptTooLong));
     assert_eq!(ds.report.n_dropped_prompt_too_long, 1);
     assert_eq!(ds.report.n_kept, 1);
@@ -509,10 +456,7 @@ fn limits_and_prompt_mask_apply_to_both_chosen_and_rejected() {
     assert_eq!((a.chosen.seq.len(), a.rejected.seq.len()), (16, 16));
     assert!(!b.chosen.truncated && b.rejected.truncated);
     assert_eq!(b.chosen.seq.len(), p + 2);
-    assert_eq!(
-        (ds.report.n_chosen_truncated, ds.report.n_rejected_truncated),
-        (1, 2)
-    );
+    assert_eq!((ds.report.n_chosen_truncated, ds.report.n_rejected_truncated), (1, 2));
     // Batched: chosen rows first, then rejected, each with its own prompt mask.
     let pairs: Vec<&DpoExample> = ds.kept().collect();
     let batch = Batch::from_pairs(&pairs, tok.pad_id().unwrap()).unwrap();
@@ -579,10 +523,7 @@ fn implicit_prompt_is_the_longest_common_prefix() {
     assert_eq!(c, Content::Text(" blue".into()));
     assert_eq!(r, Content::Text(" green".into()));
     let ds = tokenize_dpo(&recs, &tok, &opts(32)).unwrap();
-    assert_eq!(
-        ds.examples[0].prompt_len(),
-        tok.encode("The sky is").unwrap().len()
-    );
+    assert_eq!(ds.examples[0].prompt_len(), tok.encode("The sky is").unwrap().len());
     assert!(ds.examples[0].prompt_is_token_prefix());
 }
 
@@ -590,10 +531,7 @@ fn implicit_prompt_is_the_longest_common_prefix() {
 fn text_rows_train_every_token_in_windows() {
     let tok = gpt2();
     let text = format!("word{}", " word".repeat(24));
-    let recs = rows(
-        "t.jsonl",
-        &format!("{{\"text\": \"{text}\"}}\n{{\"text\": \"\"}}\n"),
-    );
+    let recs = rows("t.jsonl", &format!("{{\"text\": \"{text}\"}}\n{{\"text\": \"\"}}\n"));
     let ds = tokenize_sft(&recs, &tok, &opts(10)).unwrap();
     let all = tok.encode(&format!("{text}<|endoftext|>")).unwrap();
     assert_eq!(all.len(), 26);
@@ -620,14 +558,13 @@ fn text_rows_train_every_token_in_windows() {
 #[test]
 fn wrong_row_kind_for_the_trainer_is_an_error() {
     let tok = gpt2();
-    let recs = rows("d.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n");
-    let e = tokenize_sft(&recs, &tok, &opts(16))
-        .unwrap_err()
-        .to_string();
+    let recs = rows(
+        "d.jsonl",
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n",
+    );
+    let e = tokenize_sft(&recs, &tok, &opts(16)).unwrap_err().to_string();
     assert!(e.starts_with("d.jsonl:2: ") && e.contains("DPO"), "{e}");
-    let e = tokenize_dpo(&recs, &tok, &opts(16))
-        .unwrap_err()
-        .to_string();
+    let e = tokenize_dpo(&recs, &tok, &opts(16)).unwrap_err().to_string();
     assert!(e.starts_with("d.jsonl:1: ") && e.contains("SFT"), "{e}");
 }
 
@@ -639,26 +576,17 @@ fn templated_tokenizer(test: &str, template: &str) -> Tokenizer {
     let src = common::fixtures().join("models/tiny-gpt2");
     let dir = temp_dir(test);
     let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
     cfg["chat_template"] = Value::String(template.into());
     cfg["pad_token"] = serde_json::json!({"content": "!", "special": false});
     write(&dir, "tokenizer_config.json", &cfg.to_string());
-    Tokenizer::from_files(
-        &src.join("tokenizer.json"),
-        Some(&dir.join("tokenizer_config.json")),
-    )
-    .unwrap()
+    Tokenizer::from_files(&src.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json"))).unwrap()
 }
 
 #[test]
 fn conversational_rows_use_the_chat_template() {
     let tok = templated_tokenizer("chatml", CHATML);
-    assert_eq!(
-        tok.pad().unwrap().id,
-        0,
-        "AddedToken-object pad token resolved"
-    );
+    assert_eq!(tok.pad().unwrap().id, 0, "AddedToken-object pad token resolved");
     let recs = rows(
         "c.jsonl",
         r#"{"prompt": [{"role": "user", "content": " Hi "}], "completion": [{"role": "assistant", "content": "Hello"}]}
@@ -699,24 +627,16 @@ fn conversational_rows_use_the_chat_template() {
 
 #[test]
 fn chat_template_errors_are_clear() {
-    let recs = rows(
-        "c.jsonl",
-        r#"{"messages": [{"role": "user", "content": "Hi"}]}"#,
-    );
-    let e = tokenize_sft(&recs, &gpt2(), &opts(16))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with("c.jsonl:1: ") && e.contains("chat template"),
-        "{e}"
-    );
-    let tok = templated_tokenizer(
-        "raise",
-        "{{ raise_exception('only user/assistant roles') }}",
-    );
+    let recs = rows("c.jsonl", r#"{"messages": [{"role": "user", "content": "Hi"}]}"#);
+    let e = tokenize_sft(&recs, &gpt2(), &opts(16)).unwrap_err().to_string();
+    assert!(e.starts_with("c.jsonl:1: ") && e.contains("chat template"), "{e}");
+    let tok = templated_tokenizer("raise", "{{ raise_exception('only user/assistant roles') }}");
     let e = format!("{:#}", tokenize_sft(&recs, &tok, &opts(16)).unwrap_err());
     assert!(e.contains("only user/assistant roles"), "{e}");
-    let tok = templated_tokenizer("date", "{{ strftime_now('%Y') }}{% for m in messages %}{% if loop.index > 0 %}{% break %}{% endif %}{% endfor %}");
+    let tok = templated_tokenizer(
+        "date",
+        "{{ strftime_now('%Y') }}{% for m in messages %}{% if loop.index > 0 %}{% break %}{% endif %}{% endfor %}",
+    );
     let ds = tokenize_sft(&recs, &tok, &opts(16)).unwrap();
     let text = tok.decode(&ds.examples[0].info.seq.input_ids).unwrap();
     assert!(text.len() == 4 && text.starts_with("20"), "{text}");
@@ -726,18 +646,10 @@ fn chat_template_errors_are_clear() {
 
 #[test]
 fn format_text_jsonl_and_txt() {
-    let r = rows(
-        "a.jsonl",
-        "{\"text\": \"hello\"}\n\n{\"text\": \"world\"}\n",
-    );
+    let r = rows("a.jsonl", "{\"text\": \"hello\"}\n\n{\"text\": \"world\"}\n");
     assert_eq!(r.len(), 2);
     assert_eq!(r[1].source, "a.jsonl:3");
-    assert_eq!(
-        r[1].row,
-        Row::Text {
-            text: "world".into()
-        }
-    );
+    assert_eq!(r[1].row, Row::Text { text: "world".into() });
     let r = rows("b.txt", "first doc\n\n  \nsecond doc\n");
     assert_eq!(
         r.iter().map(|x| x.source.as_str()).collect::<Vec<_>>(),
@@ -791,9 +703,7 @@ fn format_preference_explicit_implicit_and_conversational() {
 {"chosen": "c", "rejected": "r"}
 {"prompt": [{"role": "user", "content": "u"}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}"#,
     );
-    assert!(
-        matches!(&r[0].row, Row::Preference { prompt: Some(Content::Text(p)), .. } if p == "p")
-    );
+    assert!(matches!(&r[0].row, Row::Preference { prompt: Some(Content::Text(p)), .. } if p == "p"));
     assert!(matches!(&r[1].row, Row::Preference { prompt: None, .. }));
     let Row::Preference {
         prompt: Some(p),
@@ -824,17 +734,12 @@ fn format_alpaca_and_sharegpt() {
     );
     assert_eq!(r[1].row, r[0].row);
     let Row::ShareGpt {
-        conversations,
-        chosen,
-        ..
+        conversations, chosen, ..
     } = &r[2].row
     else {
         panic!()
     };
-    assert_eq!(
-        tokenize::flatten_sharegpt(conversations),
-        "System: s\n\nHuman: h"
-    );
+    assert_eq!(tokenize::flatten_sharegpt(conversations), "System: s\n\nHuman: h");
     assert_eq!(chosen.value, "c");
     assert_eq!(tokenize::flatten_sharegpt(&conversations[1..]), "h");
 }
@@ -852,10 +757,7 @@ fn format_gzip_detected_by_magic_bytes() {
     let e = read_records(&p).unwrap_err().to_string();
     assert_eq!(e, "data.jsonl:2: missing field `completion`");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(read_records(&p)
-        .unwrap_err()
-        .to_string()
-        .contains("corrupt gzip"));
+    assert!(read_records(&p).unwrap_err().to_string().contains("corrupt gzip"));
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(b"line one\nline two\n").unwrap();
     let p = dir.join("docs.txt.gz");
@@ -875,11 +777,7 @@ fn malformed_input_errors_name_file_and_line() {
             "{\"text\": \"a\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}",
             "m.jsonl:2: missing field `rejected`",
         ),
-        (
-            "m.jsonl",
-            "\"str\"",
-            "m.jsonl:1: expected a JSON object, got a string",
-        ),
+        ("m.jsonl", "\"str\"", "m.jsonl:1: expected a JSON object, got a string"),
         (
             "m.json",
             "[{\"text\": \"a\"}, 7]",
@@ -897,9 +795,7 @@ fn malformed_input_errors_name_file_and_line() {
         ),
     ];
     for (name, text, want) in cases {
-        let e = parse_records(name, text.as_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = parse_records(name, text.as_bytes()).unwrap_err().to_string();
         assert!(e.starts_with(want), "{e:?} should start with {want:?}");
     }
     let e = parse_records("m.json", b"[{\"text\": \"a\"},\n {\"text\": }]")
@@ -915,9 +811,7 @@ fn malformed_input_errors_name_file_and_line() {
         .unwrap_err()
         .to_string();
     assert_eq!(e, "bad.jsonl:2: invalid UTF-8");
-    let e = read_records(&dir.join("missing.jsonl"))
-        .unwrap_err()
-        .to_string();
+    let e = read_records(&dir.join("missing.jsonl")).unwrap_err().to_string();
     assert!(e.contains("missing.jsonl"), "{e}");
 }
 
@@ -966,10 +860,7 @@ fn batch_targets_follow_the_definition() {
         }
         assert_eq!(b.n_targets[row], s.n_completion());
     }
-    assert_eq!(
-        b.total_targets(),
-        seqs.iter().map(|s| s.n_completion()).sum::<usize>()
-    );
+    assert_eq!(b.total_targets(), seqs.iter().map(|s| s.n_completion()).sum::<usize>());
     assert!(Batch::from_seqs(&[], EOS).is_err());
     let bad = TokenizedSeq {
         input_ids: vec![1, 2],

@@ -117,9 +117,7 @@ impl Row {
             Row::Text { .. } => "text",
             Row::PromptCompletion { .. } => "prompt/completion",
             Row::Messages { .. } => "messages",
-            Row::Preference {
-                prompt: Some(_), ..
-            } => "prompt/chosen/rejected",
+            Row::Preference { prompt: Some(_), .. } => "prompt/chosen/rejected",
             Row::Preference { prompt: None, .. } => "chosen/rejected (implicit prompt)",
             Row::Alpaca { .. } => "alpaca",
             Row::ShareGpt { .. } => "sharegpt preference",
@@ -161,10 +159,7 @@ pub fn parse_records(name: &str, bytes: &[u8]) -> Result<Vec<Record>> {
         bytes
     };
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        let line = 1 + bytes[..e.valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
+        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
         anyhow!("{name}:{line}: invalid UTF-8")
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -185,16 +180,14 @@ fn parse_text_lines(name: &str, text: &str) -> Vec<Record> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| Record {
             source: format!("{name}:{}", i + 1),
-            row: Row::Text {
-                text: l.to_string(),
-            },
+            row: Row::Text { text: l.to_string() },
         })
         .collect()
 }
 
 fn parse_json_array(name: &str, text: &str) -> Result<Vec<Record>> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| anyhow!("{name}:{}:{}: malformed JSON: {e}", e.line(), e.column()))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| anyhow!("{name}:{}:{}: malformed JSON: {e}", e.line(), e.column()))?;
     let Value::Array(items) = value else {
         bail!("{name}: expected a JSON array of objects")
     };
@@ -232,10 +225,7 @@ fn parse_row(v: Value) -> Result<Row> {
     let has = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
     if has("chosen") || has("rejected") {
         if !(has("chosen") && has("rejected")) {
-            bail!(
-                "missing field `{}`",
-                if has("chosen") { "rejected" } else { "chosen" }
-            );
+            bail!("missing field `{}`", if has("chosen") { "rejected" } else { "chosen" });
         }
         if has("conversations") {
             return Ok(Row::ShareGpt {
@@ -370,10 +360,7 @@ fn turns(o: &Map<String, Value>, key: &str) -> Result<Vec<Turn>> {
 
 fn turn(v: &Value) -> Result<Turn> {
     let Value::Object(m) = v else {
-        bail!(
-            "expected a {{\"from\",\"value\"}} object, got {}",
-            type_name(v)
-        )
+        bail!("expected a {{\"from\",\"value\"}} object, got {}", type_name(v))
     };
     Ok(Turn {
         from: string(m, "from")?,

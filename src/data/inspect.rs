@@ -37,9 +37,7 @@ pub fn inspect_dpo(ds: &DpoDataset, tok: &Tokenizer, n_rows: usize, color: bool)
 }
 
 fn dropped_note(reason: Option<super::tokenize::DropReason>) -> String {
-    reason
-        .map(|r| format!("  DROPPED ({r})"))
-        .unwrap_or_default()
+    reason.map(|r| format!("  DROPPED ({r})")).unwrap_or_default()
 }
 
 fn write_report(out: &mut String, report: &TokenizeReport) -> Result<()> {
@@ -48,13 +46,7 @@ fn write_report(out: &mut String, report: &TokenizeReport) -> Result<()> {
     Ok(())
 }
 
-fn write_seq(
-    out: &mut String,
-    label: &str,
-    info: &SeqInfo,
-    tok: &Tokenizer,
-    color: bool,
-) -> Result<()> {
+fn write_seq(out: &mut String, label: &str, info: &SeqInfo, tok: &Tokenizer, color: bool) -> Result<()> {
     writeln!(
         out,
         "{label}{} tokens: prompt {}, trained {}{}{}",
@@ -71,13 +63,7 @@ fn write_seq(
     let (open, close) = if color { (DIM, RESET) } else { ("[", "]") };
     let mut line = String::from("    ");
     let mut in_masked = false;
-    for (k, (&id, &m)) in info
-        .seq
-        .input_ids
-        .iter()
-        .zip(&info.seq.completion_mask)
-        .enumerate()
-    {
+    for (k, (&id, &m)) in info.seq.input_ids.iter().zip(&info.seq.completion_mask).enumerate() {
         let masked = m == 0;
         let boundary = masked != in_masked;
         if k > 0 && (color || !boundary) {

@@ -17,8 +17,7 @@ pub use formats::{parse_records, read_records, Content, Message, Record, Row, Tu
 pub use inspect::{inspect_dpo, inspect_sft};
 pub use template::ChatTemplate;
 pub use tokenize::{
-    tokenize_dpo, tokenize_sft, DpoDataset, DpoExample, DropReason, MessagesLoss, SeqInfo,
-    SftDataset, SftExample, TokenizeOptions, TokenizeReport, TokenizedSeq, DEFAULT_MAX_LENGTH,
-    DEFAULT_PROMPT_TEMPLATE,
+    tokenize_dpo, tokenize_sft, DpoDataset, DpoExample, DropReason, MessagesLoss, SeqInfo, SftDataset, SftExample,
+    TokenizeOptions, TokenizeReport, TokenizedSeq, DEFAULT_MAX_LENGTH, DEFAULT_PROMPT_TEMPLATE,
 };
 pub use tokenizer::{SpecialToken, Tokenizer};

@@ -34,9 +34,7 @@ impl ChatTemplate {
                  (no `chat_template` in tokenizer_config.json and no chat_template.jinja)"
             )
         })?;
-        let text = |t: Option<&super::tokenizer::SpecialToken>| {
-            t.map(|t| t.text.clone()).unwrap_or_default()
-        };
+        let text = |t: Option<&super::tokenizer::SpecialToken>| t.map(|t| t.text.clone()).unwrap_or_default();
         Self::new(
             source,
             &text(tok.bos()),
@@ -47,13 +45,7 @@ impl ChatTemplate {
     }
 
     /// Compiles a template given as source text, with the special-token strings it may use.
-    pub fn new(
-        source: &str,
-        bos_token: &str,
-        eos_token: &str,
-        pad_token: &str,
-        unk_token: &str,
-    ) -> Result<Self> {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str, pad_token: &str, unk_token: &str) -> Result<Self> {
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
@@ -86,10 +78,7 @@ impl ChatTemplate {
             .iter()
             .map(|m| context! { role => &m.role, content => &m.content })
             .collect();
-        let tmpl = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| anyhow!("chat template: {e}"))?;
+        let tmpl = self.env.get_template(NAME).map_err(|e| anyhow!("chat template: {e}"))?;
         tmpl.render(context! {
             messages => msgs,
             add_generation_prompt => add_generation_prompt,
@@ -173,13 +162,7 @@ mod tests {
     #[test]
     fn strftime_known_dates() {
         // 2024-02-29 13:05:09 UTC (a leap day) and the epoch.
-        assert_eq!(
-            strftime_utc("%d %b %Y %H:%M:%S", 1_709_211_909),
-            "29 Feb 2024 13:05:09"
-        );
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %B %% %q", 0),
-            "1970-01-01 January % %q"
-        );
+        assert_eq!(strftime_utc("%d %b %Y %H:%M:%S", 1_709_211_909), "29 Feb 2024 13:05:09");
+        assert_eq!(strftime_utc("%Y-%m-%d %B %% %q", 0), "1970-01-01 January % %q");
     }
 }

@@ -230,37 +230,21 @@ impl fmt::Display for TokenizeReport {
         writeln!(f, "rows read:                    {}", self.n_rows)?;
         writeln!(f, "examples:                     {}", self.n_examples)?;
         writeln!(f, "kept:                         {}", self.n_kept)?;
-        writeln!(
-            f,
-            "dropped, prompt ≥ max_length: {}",
-            self.n_dropped_prompt_too_long
-        )?;
-        writeln!(
-            f,
-            "dropped, empty completion:    {}",
-            self.n_dropped_empty_completion
-        )?;
+        writeln!(f, "dropped, prompt ≥ max_length: {}", self.n_dropped_prompt_too_long)?;
+        writeln!(f, "dropped, empty completion:    {}", self.n_dropped_empty_completion)?;
         writeln!(
             f,
             "identical chosen/rejected:    {} ({} dropped)",
             self.n_identical_pairs, self.n_dropped_identical_pairs
         )?;
-        writeln!(
-            f,
-            "prompt not a token prefix:    {}",
-            self.n_prompt_not_token_prefix
-        )?;
+        writeln!(f, "prompt not a token prefix:    {}", self.n_prompt_not_token_prefix)?;
         writeln!(f, "truncated (sft):              {}", self.n_truncated)?;
         writeln!(
             f,
             "truncated chosen / rejected:  {} / {}",
             self.n_chosen_truncated, self.n_rejected_truncated
         )?;
-        write!(
-            f,
-            "trained tokens:               {}",
-            self.n_completion_tokens
-        )
+        write!(f, "trained tokens:               {}", self.n_completion_tokens)
     }
 }
 
@@ -297,18 +281,11 @@ impl DpoDataset {
 }
 
 /// Tokenises SFT rows (`text`, prompt/completion, `messages`, Alpaca, ShareGPT conversations).
-pub fn tokenize_sft(
-    records: &[Record],
-    tok: &Tokenizer,
-    opts: &TokenizeOptions,
-) -> Result<SftDataset> {
+pub fn tokenize_sft(records: &[Record], tok: &Tokenizer, opts: &TokenizeOptions) -> Result<SftDataset> {
     let enc = Encoder::new(tok, opts)?;
     let encoded: Vec<Vec<SeqInfo>> = records
         .par_iter()
-        .map(|rec| {
-            enc.sft_row(&rec.row)
-                .map_err(|e| anyhow!("{}: {e:#}", rec.source))
-        })
+        .map(|rec| enc.sft_row(&rec.row).map_err(|e| anyhow!("{}: {e:#}", rec.source)))
         .collect::<Result<_>>()?;
     let mut report = TokenizeReport {
         n_rows: records.len(),
@@ -330,11 +307,7 @@ pub fn tokenize_sft(
             } else {
                 rec.source.clone()
             };
-            examples.push(SftExample {
-                source,
-                info,
-                dropped,
-            });
+            examples.push(SftExample { source, info, dropped });
         }
     }
     report.n_examples = examples.len();
@@ -342,18 +315,11 @@ pub fn tokenize_sft(
 }
 
 /// Tokenises preference rows (explicit or implicit prompt, strings or messages, ShareGPT).
-pub fn tokenize_dpo(
-    records: &[Record],
-    tok: &Tokenizer,
-    opts: &TokenizeOptions,
-) -> Result<DpoDataset> {
+pub fn tokenize_dpo(records: &[Record], tok: &Tokenizer, opts: &TokenizeOptions) -> Result<DpoDataset> {
     let enc = Encoder::new(tok, opts)?;
     let encoded: Vec<(SeqInfo, SeqInfo)> = records
         .par_iter()
-        .map(|rec| {
-            enc.dpo_row(&rec.row)
-                .map_err(|e| anyhow!("{}: {e:#}", rec.source))
-        })
+        .map(|rec| enc.dpo_row(&rec.row).map_err(|e| anyhow!("{}: {e:#}", rec.source)))
         .collect::<Result<_>>()?;
     let mut report = TokenizeReport {
         n_rows: records.len(),
@@ -385,8 +351,7 @@ pub fn tokenize_dpo(
         if dropped.is_none() {
             report.n_chosen_truncated += usize::from(ex.chosen.truncated);
             report.n_rejected_truncated += usize::from(ex.rejected.truncated);
-            report.n_completion_tokens +=
-                ex.chosen.seq.n_completion() + ex.rejected.seq.n_completion();
+            report.n_completion_tokens += ex.chosen.seq.n_completion() + ex.rejected.seq.n_completion();
         }
         examples.push(ex);
     }
@@ -412,11 +377,7 @@ impl<'a> Encoder<'a> {
             opts.prompt_template
         );
         let template = ChatTemplate::from_tokenizer(tok).map_err(|e| format!("{e:#}"));
-        Ok(Self {
-            tok,
-            opts,
-            template,
-        })
+        Ok(Self { tok, opts, template })
     }
 
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
@@ -440,9 +401,7 @@ impl<'a> Encoder<'a> {
     fn sft_row(&self, row: &Row) -> Result<Vec<SeqInfo>> {
         match row {
             Row::Text { text } => self.text_windows(text),
-            Row::PromptCompletion { prompt, completion } => {
-                Ok(vec![self.pair(prompt, completion)?])
-            }
+            Row::PromptCompletion { prompt, completion } => Ok(vec![self.pair(prompt, completion)?]),
             Row::Alpaca {
                 instruction,
                 input,
@@ -514,12 +473,7 @@ impl<'a> Encoder<'a> {
 
     /// Tokenises prompt + completion jointly and splits it at `len(prompt_ids)` (computed once
     /// per DPO pair and shared by both sides).
-    fn complete(
-        &self,
-        prompt: &Content,
-        prompt_ids: &[u32],
-        completion: &Content,
-    ) -> Result<SeqInfo> {
+    fn complete(&self, prompt: &Content, prompt_ids: &[u32], completion: &Content) -> Result<SeqInfo> {
         let full_ids = match (prompt, completion) {
             (Content::Text(p), Content::Text(c)) => {
                 let eos = self.eos_text()?;
@@ -544,12 +498,7 @@ impl<'a> Encoder<'a> {
                 .chain(std::iter::repeat_n(1, completion.len()))
                 .collect(),
         };
-        Ok(self.finish(
-            &mut seq,
-            prompt_ids.len(),
-            completion.len(),
-            prompt_is_token_prefix,
-        ))
+        Ok(self.finish(&mut seq, prompt_ids.len(), completion.len(), prompt_is_token_prefix))
     }
 
     /// Continued pre-training: the whole text trained, cut into `max_length` windows.
@@ -597,13 +546,7 @@ impl<'a> Encoder<'a> {
     }
 
     /// Clears position 0 of the mask (it has no prediction), truncates, and records the facts.
-    fn finish(
-        &self,
-        seq: &mut TokenizedSeq,
-        prompt_len: usize,
-        full_completion_len: usize,
-        prefix: bool,
-    ) -> SeqInfo {
+    fn finish(&self, seq: &mut TokenizedSeq, prompt_len: usize, full_completion_len: usize, prefix: bool) -> SeqInfo {
         if let Some(m) = seq.completion_mask.first_mut() {
             *m = 0;
         }

@@ -44,16 +44,10 @@ impl Tokenizer {
         let existing = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
         let config = existing("tokenizer_config.json");
         let map = existing("special_tokens_map.json");
-        let mut tok = Self::load(
-            &dir.join("tokenizer.json"),
-            config.as_deref(),
-            map.as_deref(),
-        )?;
+        let mut tok = Self::load(&dir.join("tokenizer.json"), config.as_deref(), map.as_deref())?;
         if let (None, Some(jinja)) = (&tok.chat_template, existing("chat_template.jinja")) {
-            tok.chat_template = Some(
-                std::fs::read_to_string(&jinja)
-                    .with_context(|| format!("reading {}", jinja.display()))?,
-            );
+            tok.chat_template =
+                Some(std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?);
         }
         Ok(tok)
     }
@@ -63,26 +57,16 @@ impl Tokenizer {
         Self::load(tokenizer_json, config, None)
     }
 
-    fn load(
-        tokenizer_json: &Path,
-        config: Option<&Path>,
-        special_map: Option<&Path>,
-    ) -> Result<Self> {
+    fn load(tokenizer_json: &Path, config: Option<&Path>, special_map: Option<&Path>) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tokenizer_json.display()))?;
-        inner.with_truncation(None).map_err(|e| {
-            anyhow!(
-                "{}: cannot disable truncation: {e}",
-                tokenizer_json.display()
-            )
-        })?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: cannot disable truncation: {e}", tokenizer_json.display()))?;
         inner.with_padding(None);
         let empty = || Value::Object(Default::default());
         let cfg = config.map(read_json).transpose()?.unwrap_or_else(empty);
-        let map = special_map
-            .map(read_json)
-            .transpose()?
-            .unwrap_or_else(empty);
+        let map = special_map.map(read_json).transpose()?.unwrap_or_else(empty);
         let name = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
         let lookup = |key: &str| -> Result<Option<SpecialToken>> {
             match special(&inner, &cfg, key).with_context(|| name(config))? {
@@ -112,9 +96,7 @@ impl Tokenizer {
         let probe = inner
             .encode("", true)
             .map_err(|e| anyhow!("{}: cannot encode: {e}", tokenizer_json.display()))?;
-        let post_processor_adds_bos = bos
-            .as_ref()
-            .is_some_and(|b| probe.get_ids().first() == Some(&b.id));
+        let post_processor_adds_bos = bos.as_ref().is_some_and(|b| probe.get_ids().first() == Some(&b.id));
         let adds_bos = match cfg.get("add_bos_token").and_then(Value::as_bool) {
             Some(flag) => flag && bos.is_some(),
             None => post_processor_adds_bos,
@@ -197,9 +179,7 @@ impl Tokenizer {
             .as_ref()
             .or(self.eos.as_ref())
             .map(|t| t.id)
-            .ok_or_else(|| {
-                anyhow!("tokenizer has neither a pad token nor an eos token to pad with")
-            })
+            .ok_or_else(|| anyhow!("tokenizer has neither a pad token nor an eos token to pad with"))
     }
 
     /// The Jinja chat template, if the tokenizer ships one.
@@ -214,16 +194,9 @@ impl Tokenizer {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| {
-        anyhow!(
-            "{}:{}:{}: malformed JSON: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        )
-    })
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}:{}:{}: malformed JSON: {e}", path.display(), e.line(), e.column()))
 }
 
 /// Reads `key` as a string or an AddedToken object (`{"content": ...}`) and resolves its id.
