@@ -6,16 +6,17 @@
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n); i += (size_t)gridDim.x * blockDim.x)
 
-// decay = 1 − lr·wd, step_size = lr / (1 − β1^t), bc2_sqrt = sqrt(1 − β2^t).
+// decay = 1 − lr·wd, omb1 = 1 − β1, omb2 = 1 − β2 (formed in f64 on the host, as PyTorch forms
+// them in Python), step_size = lr / (1 − β1^t), bc2_sqrt = sqrt(1 − β2^t).
 template <bool COPY>
 __device__ __forceinline__ void adamw(float* p, const float* g, float* m, float* v, __nv_bfloat16* p16,
-                                      long long n, float decay, float beta1, float beta2,
+                                      long long n, float decay, float omb1, float beta2, float omb2,
                                       float step_size, float bc2_sqrt, float eps) {
     GRID_STRIDE(i, n) {
         const float gi = g[i];
         float pi = p[i] * decay;
-        const float mi = m[i] + (1.f - beta1) * (gi - m[i]);  // torch lerp (weight < 0.5 branch)
-        const float vi = v[i] * beta2 + (1.f - beta2) * gi * gi;
+        const float mi = m[i] + omb1 * (gi - m[i]);  // torch lerp (weight < 0.5 branch)
+        const float vi = v[i] * beta2 + omb2 * gi * gi;
         const float denom = sqrtf(vi) / bc2_sqrt + eps;
         pi = pi - step_size * (mi / denom);
         p[i] = pi;
@@ -26,14 +27,16 @@ __device__ __forceinline__ void adamw(float* p, const float* g, float* m, float*
 }
 
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long long n, float decay,
-                                      float beta1, float beta2, float step_size, float bc2_sqrt, float eps) {
-    adamw<false>(p, g, m, v, nullptr, n, decay, beta1, beta2, step_size, bc2_sqrt, eps);
+                                      float omb1, float beta2, float omb2, float step_size, float bc2_sqrt,
+                                      float eps) {
+    adamw<false>(p, g, m, v, nullptr, n, decay, omb1, beta2, omb2, step_size, bc2_sqrt, eps);
 }
 
 extern "C" __global__ void adamw_step_bf16copy(float* p, const float* g, float* m, float* v,
-                                               __nv_bfloat16* p16, long long n, float decay, float beta1,
-                                               float beta2, float step_size, float bc2_sqrt, float eps) {
-    adamw<true>(p, g, m, v, p16, n, decay, beta1, beta2, step_size, bc2_sqrt, eps);
+                                               __nv_bfloat16* p16, long long n, float decay, float omb1,
+                                               float beta2, float omb2, float step_size, float bc2_sqrt,
+                                               float eps) {
+    adamw<true>(p, g, m, v, p16, n, decay, omb1, beta2, omb2, step_size, bc2_sqrt, eps);
 }
 
 // partials[blockIdx.x] = Σ x² over this block's grid-stride share. The grid size is fixed by the

@@ -96,7 +96,7 @@ pub fn swiglu_backward_cpu<T: Elem>(
 fn check_bias(name: &str, len: usize, bias: usize) -> Result<usize> {
     ensure!(bias > 0, "bias: must have at least one column");
     ensure!(
-        len % bias == 0,
+        len.is_multiple_of(bias),
         "{name}: {len} elements is not a whole number of rows of {bias} (the bias length)"
     );
     Ok(len / bias)

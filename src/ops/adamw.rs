@@ -35,11 +35,12 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
-/// The f32 scalars both twins use: (decay, β1, β2, step_size, sqrt(bias_correction2), eps).
+/// The f32 scalars both twins use, each formed in f64 first (as PyTorch does in Python).
 struct Scalars {
     decay: f32,
-    beta1: f32,
+    one_minus_beta1: f32,
     beta2: f32,
+    one_minus_beta2: f32,
     step_size: f32,
     bc2_sqrt: f32,
     eps: f32,
@@ -67,8 +68,9 @@ impl AdamWStep {
         let bc2 = 1.0 - self.beta2.powi(t);
         Ok(Scalars {
             decay: (1.0 - self.lr * self.weight_decay) as f32,
-            beta1: self.beta1 as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
             beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
             step_size: (self.lr / bc1) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             eps: self.eps as f32,
@@ -95,8 +97,8 @@ pub fn step_cpu(
         .zip(m.par_iter_mut().zip(v.par_iter_mut()))
         .for_each(|((p, &g), (m, v))| {
             let pi = *p * s.decay;
-            let mi = *m + (1.0 - s.beta1) * (g - *m);
-            let vi = *v * s.beta2 + (1.0 - s.beta2) * g * g;
+            let mi = *m + s.one_minus_beta1 * (g - *m);
+            let vi = *v * s.beta2 + s.one_minus_beta2 * g * g;
             let denom = vi.sqrt() / s.bc2_sqrt + s.eps;
             *p = pi - s.step_size * (mi / denom);
             *m = mi;
@@ -135,8 +137,9 @@ pub fn step_cuda(
     }
     b.arg(&n)
         .arg(&s.decay)
-        .arg(&s.beta1)
+        .arg(&s.one_minus_beta1)
         .arg(&s.beta2)
+        .arg(&s.one_minus_beta2)
         .arg(&s.step_size)
         .arg(&s.bc2_sqrt)
         .arg(&s.eps);

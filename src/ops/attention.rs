@@ -60,7 +60,7 @@ impl AttnShape {
     fn check(&self) -> Result<()> {
         ensure!(self.head_dim > 0, "attention: head_dim must be positive");
         ensure!(
-            self.heads_kv > 0 && self.heads_q % self.heads_kv == 0,
+            self.heads_kv > 0 && self.heads_q.is_multiple_of(self.heads_kv),
             "attention: heads_q {} is not a multiple of heads_kv {}",
             self.heads_q,
             self.heads_kv

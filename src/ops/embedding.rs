@@ -107,7 +107,7 @@ fn check_indices(name: &str, idx: &[u32], rows: usize) -> Result<()> {
 fn check_forward(n_tokens: usize, wte_len: usize, c: usize, out_len: usize) -> Result<usize> {
     ensure!(c > 0, "wte: embedding width must be positive");
     ensure!(
-        wte_len % c == 0,
+        wte_len.is_multiple_of(c),
         "wte: {wte_len} elements is not a whole number of rows of {c}"
     );
     ensure_len("out", out_len, n_tokens * c)?;
@@ -127,7 +127,7 @@ pub fn forward_cpu<T: Elem>(
     if let Some((p, wpe)) = pos {
         ensure_len("positions", p.len(), ids.len())?;
         ensure!(
-            wpe.len() % c == 0,
+            wpe.len().is_multiple_of(c),
             "wpe: {} elements is not a whole number of rows of {c}",
             wpe.len()
         );
@@ -211,7 +211,7 @@ pub fn forward_cuda<T: GpuElem>(
         Some((p, wpe)) => {
             ensure_len("positions", p.len(), n)?;
             ensure!(
-                wpe.len() % c == 0,
+                wpe.len().is_multiple_of(c),
                 "wpe: {} elements is not a whole number of rows of {c}",
                 wpe.len()
             );

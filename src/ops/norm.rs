@@ -23,7 +23,7 @@ use rayon::prelude::*;
 fn rows_of(name: &str, len: usize, c: usize) -> Result<usize> {
     ensure!(c > 0, "{name}: normalised width must be positive");
     ensure!(
-        len % c == 0,
+        len.is_multiple_of(c),
         "{name}: {len} elements is not a whole number of rows of {c}"
     );
     Ok(len / c)

@@ -44,7 +44,7 @@ pub fn llama3_inv_freq(
             let f = f as f64;
             let wavelen = 2.0 * std::f64::consts::PI / f;
             let scaled = if wavelen > low_wavelen { f / factor } else { f };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
             let out = if medium {
                 let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
                     / (high_freq_factor - low_freq_factor);
@@ -66,7 +66,7 @@ fn check(
     inv_freq: usize,
 ) -> Result<()> {
     ensure!(
-        head_dim > 0 && head_dim % 2 == 0,
+        head_dim > 0 && head_dim.is_multiple_of(2),
         "{name}: head_dim {head_dim} must be even and positive"
     );
     ensure_len("inv_freq", inv_freq, head_dim / 2)?;
@@ -192,6 +192,7 @@ fn rotate_cuda<T: GpuElem>(
 }
 
 /// CUDA forward (same contract as [`forward_cpu`]).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_cuda<T: GpuElem>(
     dev: &CudaDevice,
     q: &mut CudaViewMut<T>,
@@ -223,6 +224,7 @@ pub fn forward_cuda<T: GpuElem>(
 }
 
 /// CUDA backward (same contract as [`backward_cpu`]).
+#[allow(clippy::too_many_arguments)]
 pub fn backward_cuda<T: GpuElem>(
     dev: &CudaDevice,
     dq: &mut CudaViewMut<T>,
