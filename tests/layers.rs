@@ -105,6 +105,7 @@ fn embedding_forward_gathers_rows_and_positions() {
 
 #[test]
 fn embedding_buckets_group_tokens_by_row() {
+    assert_eq!(emb::padded_positions(2, 3), vec![0, 1, 2, 0, 1, 2]);
     let b = emb::TokenBuckets::new("ids", &[4, 1, 4, 0, 4, 1], 6).unwrap();
     assert_eq!(b.rows, vec![0, 1, 4]);
     assert_eq!(b.offsets, vec![0, 1, 3, 6]);

@@ -97,6 +97,13 @@ impl DeviceBuckets {
     }
 }
 
+/// Per-token positions of a right-padded `[batch, seq]` batch: `0..seq` on every row, as HF
+/// uses when no `position_ids` are given (valid tokens get `0..len`; padded ones are never read
+/// by a loss). Feeds [`forward_cpu`] (GPT-2 `wpe`) and the rotary ops.
+pub fn padded_positions(batch: usize, seq: usize) -> Vec<u32> {
+    (0..batch * seq).map(|n| (n % seq.max(1)) as u32).collect()
+}
+
 fn check_indices(name: &str, idx: &[u32], rows: usize) -> Result<()> {
     if let Some((n, &i)) = idx.iter().enumerate().find(|(_, &i)| i as usize >= rows) {
         anyhow::bail!("{name}[{n}] = {i} is outside the table's {rows} rows");

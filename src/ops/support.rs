@@ -41,8 +41,8 @@ pub fn cfg(blocks: (u32, u32, u32), threads: (u32, u32, u32)) -> LaunchConfig {
     }
 }
 
-/// A 1-D grid-stride launch over `n` elements: 256 threads a block, at most 65 535·… blocks
-/// (kernels loop), at least one block so empty launches stay valid.
+/// A 1-D grid-stride launch over `n` elements: 256 threads a block, at most 65 536 blocks (the
+/// kernels loop over the rest), at least one block so empty launches stay valid.
 pub fn cfg_elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
     cfg((blocks, 1, 1), (256, 1, 1))
