@@ -1,7 +1,16 @@
-//! The loss-side ops. Each module holds one op family with its CPU twin and its CUDA launcher side
-//! by side, with the same semantics (see `REFERENCE.md` §2–§8).
+//! The ops. Each module holds one op family with its CPU twin and its CUDA launcher side by side,
+//! with the same semantics (see `REFERENCE.md` §2–§8): the loss side (`logsoftmax`, `seqreduce`,
+//! `prefloss`, `sftloss`) and the transformer layers the model is built from (`embedding`, `norm`,
+//! `rotary`, `attention`, `activation`, `adamw`).
 
+pub mod activation;
+pub mod adamw;
+pub mod attention;
+pub mod embedding;
 pub mod logsoftmax;
+pub mod norm;
 pub mod prefloss;
+pub mod rotary;
 pub mod seqreduce;
 pub mod sftloss;
+pub mod support;

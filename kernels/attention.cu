@@ -1,0 +1,278 @@
+// Causal multi-head attention with GQA and right padding, flash-attention style: the forward
+// keeps only lse[b,h,t]; the backward recomputes the probabilities from it. fp32 math in shared
+// memory whatever the storage type. Layout: q/out [B,T,Hq,D], k/v [B,T,Hkv,D], lse/delta
+// [B,Hq,T]. Query head h reads kv head h / (Hq/Hkv). Rows t >= lengths[b] produce zeros.
+// Each block holds ATT_WARPS consecutive rows (one warp each) and streams tiles of ATT_TILE rows
+// of the other operand through shared memory; within a tile lane j owns row j of the tile for the
+// dot products, and lane d owns output dims d, d+32, ... . No atomics: every output row is owned
+// by one warp, so results are deterministic. See src/ops/attention.rs.
+#include "layers.cuh"
+
+#define ATT_WARPS 8
+#define ATT_TILE 32
+#define ATT_MAXD 128
+#define ATT_DPL (ATT_MAXD / 32)
+
+__device__ __forceinline__ size_t qidx(int b, int t, int h, int T, int H, int D) {
+    return (((size_t)b * T + t) * H + h) * D;
+}
+
+__device__ __forceinline__ int clamp_len(const int* lengths, int b, int T) {
+    return min(max(lengths[b], 0), T);
+}
+
+// grid (ceil(T/ATT_WARPS), B*Hq), block 32*ATT_WARPS.
+template <typename TT>
+__device__ __forceinline__ void attn_forward(const TT* q, const TT* k, const TT* v, const int* lengths,
+                                             TT* out, float* lse, int B, int T, int Hq, int Hk, int D,
+                                             float scale) {
+    __shared__ float ks[ATT_TILE][ATT_MAXD + 1];
+    __shared__ float vs[ATT_TILE][ATT_MAXD];
+    __shared__ float qs[ATT_WARPS][ATT_MAXD];
+    const int b = blockIdx.y / Hq, h = blockIdx.y % Hq, hk = h / (Hq / Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t0 = blockIdx.x * ATT_WARPS, t = t0 + warp;
+    const int len = clamp_len(lengths, b, T);
+    const bool active = t < len;
+    if (t < T)
+        for (int d = lane; d < D; d += 32) qs[warp][d] = active ? irb_to_float(q[qidx(b, t, h, T, Hq, D) + d]) : 0.f;
+    float m = -INFINITY, l = 0.f, acc[ATT_DPL];
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) acc[i] = 0.f;
+    const int kend = min(len, t0 + ATT_WARPS);
+    for (int j0 = 0; j0 < kend; j0 += ATT_TILE) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < ATT_TILE * D; e += blockDim.x) {
+            const int jj = e / D, d = e % D, j = j0 + jj;
+            float kv = 0.f, vv = 0.f;
+            if (j < kend) {
+                const size_t o = qidx(b, j, hk, T, Hk, D) + d;
+                kv = irb_to_float(k[o]);
+                vv = irb_to_float(v[o]);
+            }
+            ks[jj][d] = kv;
+            vs[jj][d] = vv;
+        }
+        __syncthreads();
+        if (!active || j0 > t) continue;  // warp-uniform
+        const int j = j0 + lane;
+        float s = -INFINITY;
+        if (j <= t) {
+            float dot = 0.f;
+            for (int d = 0; d < D; ++d) dot += qs[warp][d] * ks[lane][d];
+            s = dot * scale;
+        }
+        const float m_new = fmaxf(m, irb_warp_max(s));  // finite: key j0 <= t is always valid
+        const float corr = expf(m - m_new);
+        const float p = (j <= t) ? expf(s - m_new) : 0.f;
+        l = l * corr + irb_warp_sum(p);
+        #pragma unroll
+        for (int i = 0; i < ATT_DPL; ++i) acc[i] *= corr;
+        const int jmax = min(ATT_TILE, t - j0 + 1);
+        for (int jj = 0; jj < jmax; ++jj) {
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+            #pragma unroll
+            for (int i = 0; i < ATT_DPL; ++i) {
+                const int d = lane + 32 * i;
+                if (d < D) acc[i] += pj * vs[jj][d];
+            }
+        }
+        m = m_new;
+    }
+    if (t >= T) return;
+    const float inv_l = active ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) out[qidx(b, t, h, T, Hq, D) + d] = irb_from_float<TT>(acc[i] * inv_l);
+    }
+    if (lane == 0) lse[((size_t)b * Hq + h) * T + t] = active ? m + logf(l) : 0.f;
+}
+
+// dq and delta = rowsum(dout·out). grid (ceil(T/ATT_WARPS), B*Hq), block 32*ATT_WARPS.
+template <typename TT>
+__device__ __forceinline__ void attn_backward_dq(const TT* q, const TT* k, const TT* v, const TT* out,
+                                                 const TT* dout, const float* lse, const int* lengths,
+                                                 TT* dq, float* delta_out, int B, int T, int Hq, int Hk,
+                                                 int D, float scale) {
+    __shared__ float ks[ATT_TILE][ATT_MAXD + 1];
+    __shared__ float vs[ATT_TILE][ATT_MAXD + 1];
+    __shared__ float qs[ATT_WARPS][ATT_MAXD];
+    __shared__ float dos[ATT_WARPS][ATT_MAXD];
+    const int b = blockIdx.y / Hq, h = blockIdx.y % Hq, hk = h / (Hq / Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t0 = blockIdx.x * ATT_WARPS, t = t0 + warp;
+    const int len = clamp_len(lengths, b, T);
+    const bool active = t < len;
+    float delta = 0.f, L = 0.f;
+    if (t < T) {
+        float part = 0.f;
+        for (int d = lane; d < D; d += 32) {
+            const size_t o = qidx(b, t, h, T, Hq, D) + d;
+            const float g = active ? irb_to_float(dout[o]) : 0.f;
+            qs[warp][d] = active ? irb_to_float(q[o]) : 0.f;
+            dos[warp][d] = g;
+            part += g * (active ? irb_to_float(out[o]) : 0.f);
+        }
+        delta = irb_warp_sum(part);
+        L = active ? lse[((size_t)b * Hq + h) * T + t] : 0.f;
+        if (lane == 0) delta_out[((size_t)b * Hq + h) * T + t] = delta;
+    }
+    float acc[ATT_DPL];
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) acc[i] = 0.f;
+    const int kend = min(len, t0 + ATT_WARPS);
+    for (int j0 = 0; j0 < kend; j0 += ATT_TILE) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < ATT_TILE * D; e += blockDim.x) {
+            const int jj = e / D, d = e % D, j = j0 + jj;
+            float kv = 0.f, vv = 0.f;
+            if (j < kend) {
+                const size_t o = qidx(b, j, hk, T, Hk, D) + d;
+                kv = irb_to_float(k[o]);
+                vv = irb_to_float(v[o]);
+            }
+            ks[jj][d] = kv;
+            vs[jj][d] = vv;
+        }
+        __syncthreads();
+        if (!active || j0 > t) continue;
+        const int j = j0 + lane;
+        float ds = 0.f;
+        if (j <= t) {
+            float s = 0.f, dp = 0.f;
+            for (int d = 0; d < D; ++d) {
+                s += qs[warp][d] * ks[lane][d];
+                dp += dos[warp][d] * vs[lane][d];
+            }
+            const float p = expf(s * scale - L);
+            ds = p * (dp - delta);
+        }
+        const int jmax = min(ATT_TILE, t - j0 + 1);
+        for (int jj = 0; jj < jmax; ++jj) {
+            const float dsj = __shfl_sync(0xffffffffu, ds, jj);
+            #pragma unroll
+            for (int i = 0; i < ATT_DPL; ++i) {
+                const int d = lane + 32 * i;
+                if (d < D) acc[i] += dsj * ks[jj][d];
+            }
+        }
+    }
+    if (t >= T) return;
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) dq[qidx(b, t, h, T, Hq, D) + d] = irb_from_float<TT>(active ? acc[i] * scale : 0.f);
+    }
+}
+
+// dk, dv for each key row j of kv head hk, summed over the query heads of its group.
+// grid (ceil(T/ATT_WARPS), B*Hkv), block 32*ATT_WARPS. Needs delta from attn_backward_dq.
+template <typename TT>
+__device__ __forceinline__ void attn_backward_dkv(const TT* q, const TT* k, const TT* v, const TT* dout,
+                                                  const float* lse, const float* delta, const int* lengths,
+                                                  TT* dk, TT* dv, int B, int T, int Hq, int Hk, int D,
+                                                  float scale) {
+    __shared__ float qs[ATT_TILE][ATT_MAXD + 1];
+    __shared__ float dos[ATT_TILE][ATT_MAXD + 1];
+    __shared__ float kr[ATT_WARPS][ATT_MAXD];
+    __shared__ float vr[ATT_WARPS][ATT_MAXD];
+    __shared__ float lse_s[ATT_TILE];
+    __shared__ float delta_s[ATT_TILE];
+    const int b = blockIdx.y / Hk, hk = blockIdx.y % Hk, group = Hq / Hk;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j0 = blockIdx.x * ATT_WARPS, j = j0 + warp;
+    const int len = clamp_len(lengths, b, T);
+    const bool active = j < len;
+    if (j < T)
+        for (int d = lane; d < D; d += 32) {
+            const size_t o = qidx(b, j, hk, T, Hk, D) + d;
+            kr[warp][d] = active ? irb_to_float(k[o]) : 0.f;
+            vr[warp][d] = active ? irb_to_float(v[o]) : 0.f;
+        }
+    float acck[ATT_DPL], accv[ATT_DPL];
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) acck[i] = accv[i] = 0.f;
+    for (int g = 0; g < group; ++g) {
+        const int h = hk * group + g;
+        const size_t row0 = ((size_t)b * Hq + h) * T;
+        for (int i0 = j0; i0 < len; i0 += ATT_TILE) {
+            __syncthreads();
+            for (int e = threadIdx.x; e < ATT_TILE * D; e += blockDim.x) {
+                const int ii = e / D, d = e % D, i = i0 + ii;
+                float qv = 0.f, gv = 0.f;
+                if (i < len) {
+                    const size_t o = qidx(b, i, h, T, Hq, D) + d;
+                    qv = irb_to_float(q[o]);
+                    gv = irb_to_float(dout[o]);
+                }
+                qs[ii][d] = qv;
+                dos[ii][d] = gv;
+            }
+            if (threadIdx.x < ATT_TILE) {
+                const int i = i0 + threadIdx.x;
+                lse_s[threadIdx.x] = i < len ? lse[row0 + i] : 0.f;
+                delta_s[threadIdx.x] = i < len ? delta[row0 + i] : 0.f;
+            }
+            __syncthreads();
+            if (!active) continue;
+            const int i = i0 + lane;
+            float p = 0.f, ds = 0.f;
+            if (i >= j && i < len) {
+                float s = 0.f, dp = 0.f;
+                for (int d = 0; d < D; ++d) {
+                    s += qs[lane][d] * kr[warp][d];
+                    dp += dos[lane][d] * vr[warp][d];
+                }
+                p = expf(s * scale - lse_s[lane]);
+                ds = p * (dp - delta_s[lane]);
+            }
+            const int iimax = min(ATT_TILE, len - i0);
+            for (int ii = 0; ii < iimax; ++ii) {
+                const float pi = __shfl_sync(0xffffffffu, p, ii);
+                const float dsi = __shfl_sync(0xffffffffu, ds, ii);
+                #pragma unroll
+                for (int x = 0; x < ATT_DPL; ++x) {
+                    const int d = lane + 32 * x;
+                    if (d < D) {
+                        accv[x] += pi * dos[ii][d];
+                        acck[x] += dsi * qs[ii][d];
+                    }
+                }
+            }
+        }
+    }
+    if (j >= T) return;
+    #pragma unroll
+    for (int x = 0; x < ATT_DPL; ++x) {
+        const int d = lane + 32 * x;
+        if (d < D) {
+            const size_t o = qidx(b, j, hk, T, Hk, D) + d;
+            dk[o] = irb_from_float<TT>(active ? acck[x] * scale : 0.f);
+            dv[o] = irb_from_float<TT>(active ? accv[x] : 0.f);
+        }
+    }
+}
+
+#define ATT_INST(TT, S)                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                    \
+        attention_forward_##S(const TT* q, const TT* k, const TT* v, const int* lengths, TT* out,  \
+                              float* lse, int B, int T, int Hq, int Hk, int D, float scale) {      \
+        attn_forward<TT>(q, k, v, lengths, out, lse, B, T, Hq, Hk, D, scale);                       \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                    \
+        attention_backward_dq_##S(const TT* q, const TT* k, const TT* v, const TT* out,            \
+                                  const TT* dout, const float* lse, const int* lengths, TT* dq,    \
+                                  float* delta, int B, int T, int Hq, int Hk, int D, float scale) { \
+        attn_backward_dq<TT>(q, k, v, out, dout, lse, lengths, dq, delta, B, T, Hq, Hk, D, scale);  \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                    \
+        attention_backward_dkv_##S(const TT* q, const TT* k, const TT* v, const TT* dout,          \
+                                   const float* lse, const float* delta, const int* lengths,       \
+                                   TT* dk, TT* dv, int B, int T, int Hq, int Hk, int D,            \
+                                   float scale) {                                                  \
+        attn_backward_dkv<TT>(q, k, v, dout, lse, delta, lengths, dk, dv, B, T, Hq, Hk, D, scale);  \
+    }
+
+ATT_INST(float, f32)
+ATT_INST(__nv_bfloat16, bf16)
