@@ -84,7 +84,9 @@ fn main() {
                     .unwrap_or_else(|e| panic!("compiling {} for {PTX_ARCH}:\n{e}", src.display()));
                 let cubin = tc
                     .compile(src, &kernel_dir, CUBIN_ARCH, true)
-                    .unwrap_or_else(|e| panic!("compiling {} for {CUBIN_ARCH}:\n{e}", src.display()));
+                    .unwrap_or_else(|e| {
+                        panic!("compiling {} for {CUBIN_ARCH}:\n{e}", src.display())
+                    });
                 check_spills(&stem, &cubin.log);
                 writeln!(report, "== {stem} ({CUBIN_ARCH})\n{}", cubin.log.trim()).unwrap();
                 let ptx_path = out_dir.join(format!("{stem}.ptx"));
@@ -127,7 +129,10 @@ fn check_spills(stem: &str, log: &str) {
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(0);
             if stores > 0 || loads > 0 {
-                panic!("kernels/{stem}.cu: register spill in `{function}` ({}):\n{log}", line.trim());
+                panic!(
+                    "kernels/{stem}.cu: register spill in `{function}` ({}):\n{log}",
+                    line.trim()
+                );
             }
         }
     }
@@ -180,7 +185,13 @@ impl Toolchain {
         }
     }
 
-    fn compile(&self, src: &Path, include: &Path, arch: &str, cubin: bool) -> Result<Compiled, String> {
+    fn compile(
+        &self,
+        src: &Path,
+        include: &Path,
+        arch: &str,
+        cubin: bool,
+    ) -> Result<Compiled, String> {
         match self {
             Toolchain::Nvcc(nvcc) => {
                 let out = std::env::temp_dir().join(format!(
@@ -200,7 +211,9 @@ impl Toolchain {
                 if cubin {
                     cmd.arg("-Xptxas=-v");
                 }
-                let output = cmd.output().map_err(|e| format!("running {}: {e}", nvcc.display()))?;
+                let output = cmd
+                    .output()
+                    .map_err(|e| format!("running {}: {e}", nvcc.display()))?;
                 let log = format!(
                     "{}{}",
                     String::from_utf8_lossy(&output.stdout),
@@ -213,7 +226,10 @@ impl Toolchain {
                 let _ = std::fs::remove_file(&out);
                 Ok(Compiled { image, log })
             }
-            Toolchain::Nvrtc { lib, include: cuda_include } => {
+            Toolchain::Nvrtc {
+                lib,
+                include: cuda_include,
+            } => {
                 let source = std::fs::read_to_string(src).map_err(|e| e.to_string())?;
                 let opts = vec![
                     format!("--gpu-architecture={arch}"),
@@ -246,14 +262,28 @@ fn nvrtc_version(lib: &Path) -> Result<(i32, i32), String> {
 }
 
 /// Drives NVRTC through its C API (only the nine entry points this needs).
-fn nvrtc_compile(lib: &Path, source: &str, name: &str, opts: &[String], cubin: bool) -> Result<Compiled, String> {
-    type Create = unsafe extern "C" fn(*mut NvrtcProgram, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+fn nvrtc_compile(
+    lib: &Path,
+    source: &str,
+    name: &str,
+    opts: &[String],
+    cubin: bool,
+) -> Result<Compiled, String> {
+    type Create = unsafe extern "C" fn(
+        *mut NvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int;
     type CompileFn = unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int;
     type SizeFn = unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int;
     type GetFn = unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int;
     type Destroy = unsafe extern "C" fn(*mut NvrtcProgram) -> c_int;
     unsafe {
-        let l = libloading::Library::new(lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        let l =
+            libloading::Library::new(lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
         let sym = |n: &[u8]| -> Result<*const (), String> {
             l.get::<*const ()>(n)
                 .map(|s| *s)
@@ -275,11 +305,21 @@ fn nvrtc_compile(lib: &Path, source: &str, name: &str, opts: &[String], cubin: b
         let c_src = CString::new(source).map_err(|e| e.to_string())?;
         let c_name = CString::new(name).map_err(|e| e.to_string())?;
         let mut prog: NvrtcProgram = std::ptr::null_mut();
-        let rc = create(&mut prog, c_src.as_ptr(), c_name.as_ptr(), 0, std::ptr::null(), std::ptr::null());
+        let rc = create(
+            &mut prog,
+            c_src.as_ptr(),
+            c_name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        );
         if rc != 0 {
             return Err(format!("nvrtcCreateProgram failed with code {rc}"));
         }
-        let c_opts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+        let c_opts: Vec<CString> = opts
+            .iter()
+            .map(|o| CString::new(o.as_str()).unwrap())
+            .collect();
         let ptrs: Vec<*const c_char> = c_opts.iter().map(|c| c.as_ptr()).collect();
         let rc = compile(prog, ptrs.len() as c_int, ptrs.as_ptr());
         let mut n = 0usize;

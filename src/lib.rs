@@ -7,6 +7,7 @@
 pub mod device;
 pub mod dtype;
 pub mod kernels;
+pub mod model;
 pub mod ops;
 
 pub use device::Device;

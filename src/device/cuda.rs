@@ -52,14 +52,17 @@ impl CudaDevice {
     /// The process-wide handle for GPU `ordinal`, created on first use.
     pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>> {
         let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
-        let mut map = map.lock().map_err(|_| anyhow!("CUDA device cache poisoned"))?;
+        let mut map = map
+            .lock()
+            .map_err(|_| anyhow!("CUDA device cache poisoned"))?;
         if let Some(d) = map.get(&ordinal) {
             return Ok(d.clone());
         }
         if let Some(why) = cuda_unavailable_reason(ordinal) {
             bail!("CUDA device {ordinal} unavailable: {why}");
         }
-        let ctx = CudaContext::new(ordinal).with_context(|| format!("creating a context on CUDA device {ordinal}"))?;
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("creating a context on CUDA device {ordinal}"))?;
         let (major, minor) = ctx.compute_capability()?;
         if major < 8 {
             bail!("CUDA device {ordinal} has compute capability {major}.{minor}; irbridge kernels need 8.0 or newer");
@@ -94,12 +97,16 @@ impl CudaDevice {
     /// The module is loaded into this context on first use (sm_90 cubin on Hopper, PTX elsewhere).
     pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
         let m = {
-            let mut cache = self.modules.lock().map_err(|_| anyhow!("CUDA module cache poisoned"))?;
+            let mut cache = self
+                .modules
+                .lock()
+                .map_err(|_| anyhow!("CUDA module cache poisoned"))?;
             match cache.get(module) {
                 Some(m) => m.clone(),
                 None => {
-                    let image = kernels::image(module)
-                        .ok_or_else(|| anyhow!("kernel module `{module}` is not embedded in this build"))?;
+                    let image = kernels::image(module).ok_or_else(|| {
+                        anyhow!("kernel module `{module}` is not embedded in this build")
+                    })?;
                     let ptx = if self.use_cubin {
                         Ptx::from_binary(image.cubin_sm90.to_vec())
                     } else {

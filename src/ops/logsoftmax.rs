@@ -33,26 +33,50 @@ pub fn check_shapes(logits_len: usize, rows: usize, vocab: usize, targets: &[i64
         "logits: expected {rows}×{vocab} = {} elements, got {logits_len}",
         rows * vocab
     );
-    ensure!(targets.len() == rows, "targets: expected {rows} entries (one per logits row), got {}", targets.len());
+    ensure!(
+        targets.len() == rows,
+        "targets: expected {rows} entries (one per logits row), got {}",
+        targets.len()
+    );
     if let Some((r, &t)) = targets
         .iter()
         .enumerate()
         .find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
     {
-        anyhow::bail!("targets[{r}] = {t} is outside [0, {vocab}) and is not the ignore index {IGNORE_INDEX}");
+        anyhow::bail!(
+            "targets[{r}] = {t} is outside [0, {vocab}) and is not the ignore index {IGNORE_INDEX}"
+        );
     }
     Ok(())
 }
 
 /// CPU twin of the fused forward; rows run in parallel.
-pub fn forward_cpu<T: Elem>(logits: &[T], rows: usize, vocab: usize, targets: &[i64], out: ForwardOut<'_>) -> Result<()> {
+pub fn forward_cpu<T: Elem>(
+    logits: &[T],
+    rows: usize,
+    vocab: usize,
+    targets: &[i64],
+    out: ForwardOut<'_>,
+) -> Result<()> {
     check_shapes(logits.len(), rows, vocab, targets)?;
-    ensure!(out.lse.len() == rows, "lse: expected {rows} entries, got {}", out.lse.len());
-    ensure!(out.logp.len() == rows, "logp: expected {rows} entries, got {}", out.logp.len());
+    ensure!(
+        out.lse.len() == rows,
+        "lse: expected {rows} entries, got {}",
+        out.lse.len()
+    );
+    ensure!(
+        out.logp.len() == rows,
+        "logp: expected {rows} entries, got {}",
+        out.logp.len()
+    );
     let mut entropy_buf;
     let entropy: &mut [f32] = match out.entropy {
         Some(e) => {
-            ensure!(e.len() == rows, "entropy: expected {rows} entries, got {}", e.len());
+            ensure!(
+                e.len() == rows,
+                "entropy: expected {rows} entries, got {}",
+                e.len()
+            );
             e
         }
         None => {
@@ -70,7 +94,11 @@ pub fn forward_cpu<T: Elem>(logits: &[T], rows: usize, vocab: usize, targets: &[
         for &xi in x {
             let v = xi.to_f32();
             if v > m {
-                let scale = if m == f32::NEG_INFINITY { 0.0 } else { ((m - v) as f64).exp() };
+                let scale = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    ((m - v) as f64).exp()
+                };
                 s *= scale;
                 sx *= scale;
                 m = v;
@@ -82,7 +110,11 @@ pub fn forward_cpu<T: Elem>(logits: &[T], rows: usize, vocab: usize, targets: &[
         let lse = m as f64 + s.ln();
         let entropy = lse - sx / s;
         let t = targets[r];
-        let logp = if t == IGNORE_INDEX { 0.0 } else { x[t as usize].to_f32() as f64 - lse };
+        let logp = if t == IGNORE_INDEX {
+            0.0
+        } else {
+            x[t as usize].to_f32() as f64 - lse
+        };
         (lse as f32, logp as f32, entropy as f32)
     };
     let stats: Vec<(f32, f32, f32)> = (0..rows).into_par_iter().map(row_stats).collect();
@@ -97,10 +129,25 @@ pub fn forward_cpu<T: Elem>(logits: &[T], rows: usize, vocab: usize, targets: &[
 }
 
 /// CPU twin of the in-place backward: `logits` becomes `dL/dlogits`.
-pub fn backward_cpu<T: Elem>(logits: &mut [T], rows: usize, vocab: usize, targets: &[i64], lse: &[f32], dlogp: &[f32]) -> Result<()> {
+pub fn backward_cpu<T: Elem>(
+    logits: &mut [T],
+    rows: usize,
+    vocab: usize,
+    targets: &[i64],
+    lse: &[f32],
+    dlogp: &[f32],
+) -> Result<()> {
     check_shapes(logits.len(), rows, vocab, targets)?;
-    ensure!(lse.len() == rows, "lse: expected {rows} entries, got {}", lse.len());
-    ensure!(dlogp.len() == rows, "dlogp: expected {rows} entries, got {}", dlogp.len());
+    ensure!(
+        lse.len() == rows,
+        "lse: expected {rows} entries, got {}",
+        lse.len()
+    );
+    ensure!(
+        dlogp.len() == rows,
+        "dlogp: expected {rows} entries, got {}",
+        dlogp.len()
+    );
     logits.par_chunks_mut(vocab).enumerate().for_each(|(r, x)| {
         let t = targets[r];
         if t == IGNORE_INDEX {
