@@ -32,6 +32,10 @@ fn fixture(name: &str) -> Fixture {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let (b, t) = (g["input_ids"].shape[0], g["input_ids"].shape[1]);
     let lengths: Vec<usize> = g["lengths"].i64().iter().map(|&l| l as usize).collect();
+    assert_eq!(
+        Batch::lengths_from_mask(&g["attention_mask"].i64(), b, t).unwrap(),
+        lengths
+    );
     let batch = Batch::causal_lm(&g["input_ids"].i64(), b, t, &lengths).unwrap();
     Fixture {
         model,
@@ -570,8 +574,8 @@ fn load_err(dir: &Path) -> String {
     format!(
         "{:#}",
         Model::load(dir)
-            .err()
-            .expect("loading a broken checkpoint must fail")
+            .map(|_| ())
+            .expect_err("loading a broken checkpoint must fail")
     )
 }
 
@@ -667,4 +671,119 @@ fn batch_errors_are_values() {
         m.backward(&f, &[f32::NAN, 0.0, 0.0, 0.0], &mut g).is_err(),
         "non-finite dlogp"
     );
+}
+
+fn config_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("config.json")).unwrap())
+        .unwrap()
+}
+
+/// Older and newer config spellings: top-level `rope_theta`, Llama-3 `rope_scaling`, Mistral
+/// sliding windows, Qwen2 biases, and the errors for what is not supported.
+#[test]
+fn config_variants_parse() {
+    use irbridge::model::config::{ModelConfig, RopeScaling};
+    use irbridge::model::rope::inv_freq;
+    let q = ModelConfig::from_json(config_json("tiny-qwen2")).unwrap();
+    assert!(
+        q.qkv_bias
+            && !q.o_bias
+            && q.tie_word_embeddings
+            && q.sliding_window.iter().all(Option::is_none)
+    );
+    assert_eq!((q.num_kv_heads, q.head_dim, q.group_size()), (2, 16, 2));
+
+    let mut j = config_json("tiny-llama");
+    j.as_object_mut().unwrap().remove("rope_parameters");
+    j["rope_theta"] = 500000.0.into();
+    j["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    let c = ModelConfig::from_json(j.clone()).unwrap();
+    let rope = c.rope.clone().unwrap();
+    assert_eq!(rope.theta, 500000.0);
+    assert!(matches!(rope.scaling, RopeScaling::Llama3 { .. }));
+    let plain = inv_freq(
+        &irbridge::model::config::Rope {
+            theta: 500000.0,
+            scaling: RopeScaling::None,
+        },
+        16,
+    );
+    let scaled = inv_freq(&rope, 16);
+    // Wavelengths below 64/4 keep their frequency, above 64/1 are divided by 8, between blend.
+    for (p, s) in plain.iter().zip(&scaled) {
+        let wl = 2.0 * std::f32::consts::PI / p;
+        if wl < 16.0 {
+            assert_eq!(p, s);
+        } else if wl > 64.0 {
+            assert!((s - p / 8.0).abs() <= 1e-6 * p);
+        } else {
+            assert!(
+                *s < *p && *s > p / 8.0,
+                "medium band: {s} not between {} and {p}",
+                p / 8.0
+            );
+        }
+    }
+    assert!(
+        plain.iter().zip(&scaled).any(|(p, s)| p == s)
+            && plain.iter().zip(&scaled).any(|(p, s)| p != s)
+    );
+
+    j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    let e = format!("{:#}", ModelConfig::from_json(j).unwrap_err());
+    assert!(e.contains("yarn"), "{e}");
+
+    let mut m = config_json("tiny-llama");
+    m["model_type"] = "mistral".into();
+    m["sliding_window"] = 4.into();
+    let c = ModelConfig::from_json(m).unwrap();
+    assert_eq!(c.sliding_window, vec![Some(4), Some(4)]);
+
+    let mut bad = config_json("tiny-llama");
+    bad["num_key_value_heads"] = 3.into();
+    assert!(
+        format!("{:#}", ModelConfig::from_json(bad).unwrap_err()).contains("num_key_value_heads")
+    );
+    let mut bad = config_json("tiny-llama");
+    bad.as_object_mut().unwrap().remove("hidden_size");
+    assert!(format!("{:#}", ModelConfig::from_json(bad).unwrap_err()).contains("hidden_size"));
+}
+
+/// A Mistral sliding window of 4 leaves positions 0..3 exactly as full attention and changes
+/// every later one.
+#[test]
+fn sliding_window_masks_old_keys() {
+    let tmp = TempDir::new("mistral");
+    let mut cfg = config_json("tiny-llama");
+    cfg["model_type"] = "mistral".into();
+    cfg["sliding_window"] = 4.into();
+    std::fs::write(tmp.0.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        model_dir("tiny-llama").join("model.safetensors"),
+        tmp.0.join("model.safetensors"),
+    )
+    .unwrap();
+    let (full, win) = (
+        Model::load(&model_dir("tiny-llama")).unwrap(),
+        Model::load(&tmp.0).unwrap(),
+    );
+    let ids: Vec<i64> = vec![464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13];
+    let batch = Batch::causal_lm(&ids, 1, 10, &[10]).unwrap();
+    let (a, b) = (full.forward(&batch).unwrap(), win.forward(&batch).unwrap());
+    for t in 0..9 {
+        let (x, y) = (a.logp()[t], b.logp()[t]);
+        if t < 4 {
+            assert_eq!(
+                x.to_bits(),
+                y.to_bits(),
+                "position {t} sees only in-window keys"
+            );
+        } else {
+            assert!(
+                (x - y).abs() > 1e-6,
+                "position {t}: the window must change the result"
+            );
+        }
+    }
 }

@@ -134,7 +134,7 @@ impl ModelConfig {
             anyhow::ensure!(v > 0, "{what} must be positive, got {v}");
         }
         anyhow::ensure!(
-            self.num_heads % self.num_kv_heads == 0,
+            self.num_heads.is_multiple_of(self.num_kv_heads),
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             self.num_heads,
             self.num_kv_heads
@@ -148,7 +148,7 @@ impl ModelConfig {
             );
         } else {
             anyhow::ensure!(
-                self.head_dim % 2 == 0,
+                self.head_dim.is_multiple_of(2),
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim
             );

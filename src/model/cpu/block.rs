@@ -172,14 +172,19 @@ impl BlockSpec {
     }
 }
 
+/// A norm's output `[N, C]` and per-row statistics (`mean` is empty for RMSNorm).
+#[derive(Clone, Debug, Default)]
+struct NormActs {
+    out: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
 /// Saved activations of one block over `N` packed rows.
 #[derive(Clone, Debug, Default)]
 pub struct BlockActs {
-    /// Output of the first norm `[N, C]`.
-    n1: Vec<f32>,
-    /// First norm statistics (`mean` empty for RMSNorm) `[N]`.
-    n1_mean: Vec<f32>,
-    n1_rstd: Vec<f32>,
+    /// First norm.
+    n1: NormActs,
     /// Queries / keys after rotary, values: `[N, H·d]`, `[N, KvH·d]`, `[N, KvH·d]`.
     q: Vec<f32>,
     k: Vec<f32>,
@@ -189,10 +194,8 @@ pub struct BlockActs {
     att_lse: Vec<f32>,
     /// Residual after the attention half `[N, C]`.
     x_mid: Vec<f32>,
-    /// Second norm output and statistics.
-    n2: Vec<f32>,
-    n2_mean: Vec<f32>,
-    n2_rstd: Vec<f32>,
+    /// Second norm.
+    n2: NormActs,
     /// MLP pre-activation (GELU input, or the gate) `[N, I]`.
     pre: Vec<f32>,
     /// SwiGLU `up` projection `[N, I]` (empty for GELU).
@@ -216,18 +219,18 @@ impl BlockActs {
         );
         let ln = cfg.arch == Arch::Gpt2;
         for (v, len) in [
-            (&mut self.n1, n * c),
-            (&mut self.n1_mean, if ln { n } else { 0 }),
-            (&mut self.n1_rstd, n),
+            (&mut self.n1.out, n * c),
+            (&mut self.n1.mean, if ln { n } else { 0 }),
+            (&mut self.n1.rstd, n),
             (&mut self.q, n * qd),
             (&mut self.k, n * kvd),
             (&mut self.v, n * kvd),
             (&mut self.att, n * qd),
             (&mut self.att_lse, n * cfg.num_heads),
             (&mut self.x_mid, n * c),
-            (&mut self.n2, n * c),
-            (&mut self.n2_mean, if ln { n } else { 0 }),
-            (&mut self.n2_rstd, n),
+            (&mut self.n2.out, n * c),
+            (&mut self.n2.mean, if ln { n } else { 0 }),
+            (&mut self.n2.rstd, n),
             (&mut self.pre, n * i),
             (&mut self.up, if ln { 0 } else { n * i }),
             (&mut self.act, n * i),
@@ -321,16 +324,20 @@ impl Ctx<'_> {
         p: &Tensors,
         idx: NormIdx,
         x: &[f32],
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
+        o: &mut NormActs,
     ) {
         let eps = self.cfg.norm_eps;
         match (spec.layer_norm, idx.bias) {
-            (true, Some(b)) => {
-                norm::layernorm_forward(x, p.at(idx.weight), p.at(b), eps, out, mean, rstd)
-            }
-            _ => norm::rmsnorm_forward(x, p.at(idx.weight), eps, out, rstd),
+            (true, Some(b)) => norm::layernorm_forward(
+                x,
+                p.at(idx.weight),
+                p.at(b),
+                eps,
+                &mut o.out,
+                &mut o.mean,
+                &mut o.rstd,
+            ),
+            _ => norm::rmsnorm_forward(x, p.at(idx.weight), eps, &mut o.out, &mut o.rstd),
         }
     }
 
@@ -343,16 +350,16 @@ impl Ctx<'_> {
         idx: NormIdx,
         dout: &[f32],
         x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
+        saved: &NormActs,
         dx: &mut [f32],
     ) {
+        let (w, mean, rstd) = (p.at(idx.weight), &saved.mean, &saved.rstd);
         match (spec.layer_norm, idx.bias) {
             (true, Some(b)) => {
                 let [dw, db] = g.many_mut([idx.weight, b]);
-                norm::layernorm_backward(dout, x, p.at(idx.weight), mean, rstd, dx, dw, db)
+                norm::layernorm_backward(dout, x, w, mean, rstd, dx, dw, db)
             }
-            _ => norm::rmsnorm_backward(dout, x, p.at(idx.weight), rstd, dx, g.at_mut(idx.weight)),
+            _ => norm::rmsnorm_backward(dout, x, w, rstd, dx, g.at_mut(idx.weight)),
         }
     }
 }
@@ -368,18 +375,10 @@ pub fn forward(
 ) {
     let n = ctx.pos.len();
     let (hq, hkv) = (ctx.cfg.num_heads, ctx.cfg.num_kv_heads);
-    ctx.norm_forward(
-        spec,
-        p,
-        spec.norm1,
-        x_in,
-        &mut a.n1,
-        &mut a.n1_mean,
-        &mut a.n1_rstd,
-    );
-    spec.q.forward(p, &a.n1, n, &mut a.q);
-    spec.k.forward(p, &a.n1, n, &mut a.k);
-    spec.v.forward(p, &a.n1, n, &mut a.v);
+    ctx.norm_forward(spec, p, spec.norm1, x_in, &mut a.n1);
+    spec.q.forward(p, &a.n1.out, n, &mut a.q);
+    spec.k.forward(p, &a.n1.out, n, &mut a.k);
+    spec.v.forward(p, &a.n1.out, n, &mut a.v);
     if spec.rope {
         ctx.rotate(&mut a.q, hq, false);
         ctx.rotate(&mut a.k, hkv, false);
@@ -394,24 +393,16 @@ pub fn forward(
     );
     spec.o.forward(p, &a.att, n, &mut a.x_mid);
     add_into(&mut a.x_mid, x_in);
-    ctx.norm_forward(
-        spec,
-        p,
-        spec.norm2,
-        &a.x_mid,
-        &mut a.n2,
-        &mut a.n2_mean,
-        &mut a.n2_rstd,
-    );
+    ctx.norm_forward(spec, p, spec.norm2, &a.x_mid, &mut a.n2);
     match spec.mlp {
         Mlp::Gelu { fc, proj } => {
-            fc.forward(p, &a.n2, n, &mut a.pre);
+            fc.forward(p, &a.n2.out, n, &mut a.pre);
             act::gelu_forward(&a.pre, &mut a.act);
             proj.forward(p, &a.act, n, x_out);
         }
         Mlp::SwiGlu { gate, up, down } => {
-            gate.forward(p, &a.n2, n, &mut a.pre);
-            up.forward(p, &a.n2, n, &mut a.up);
+            gate.forward(p, &a.n2.out, n, &mut a.pre);
+            up.forward(p, &a.n2.out, n, &mut a.up);
             act::swiglu_forward(&a.pre, &a.up, &mut a.act);
             down.forward(p, &a.act, n, x_out);
         }
@@ -438,18 +429,16 @@ pub fn backward(
         Mlp::Gelu { fc, proj } => {
             proj.backward(p, g, &a.act, dx, n, &mut s.dact, false);
             act::gelu_backward(&a.pre, &mut s.dact);
-            fc.backward(p, g, &a.n2, &s.dact, n, &mut s.dnorm, false);
+            fc.backward(p, g, &a.n2.out, &s.dact, n, &mut s.dnorm, false);
         }
         Mlp::SwiGlu { gate, up, down } => {
             down.backward(p, g, &a.act, dx, n, &mut s.dact, false);
             act::swiglu_backward(&a.pre, &a.up, &s.dact, &mut s.dpre, &mut s.dup);
-            gate.backward(p, g, &a.n2, &s.dpre, n, &mut s.dnorm, false);
-            up.backward(p, g, &a.n2, &s.dup, n, &mut s.dnorm, true);
+            gate.backward(p, g, &a.n2.out, &s.dpre, n, &mut s.dnorm, false);
+            up.backward(p, g, &a.n2.out, &s.dup, n, &mut s.dnorm, true);
         }
     }
-    ctx.norm_backward(
-        spec, p, g, spec.norm2, &s.dnorm, &a.x_mid, &a.n2_mean, &a.n2_rstd, dx,
-    );
+    ctx.norm_backward(spec, p, g, spec.norm2, &s.dnorm, &a.x_mid, &a.n2, dx);
     spec.o.backward(p, g, &a.att, dx, n, &mut s.datt, false);
     attention::backward(
         &s.datt,
@@ -468,12 +457,13 @@ pub fn backward(
         ctx.rotate(&mut s.dq, hq, true);
         ctx.rotate(&mut s.dk, hkv, true);
     }
-    spec.q.backward(p, g, &a.n1, &s.dq, n, &mut s.dnorm, false);
-    spec.k.backward(p, g, &a.n1, &s.dk, n, &mut s.dnorm, true);
-    spec.v.backward(p, g, &a.n1, &s.dv, n, &mut s.dnorm, true);
-    ctx.norm_backward(
-        spec, p, g, spec.norm1, &s.dnorm, x_in, &a.n1_mean, &a.n1_rstd, dx,
-    );
+    spec.q
+        .backward(p, g, &a.n1.out, &s.dq, n, &mut s.dnorm, false);
+    spec.k
+        .backward(p, g, &a.n1.out, &s.dk, n, &mut s.dnorm, true);
+    spec.v
+        .backward(p, g, &a.n1.out, &s.dv, n, &mut s.dnorm, true);
+    ctx.norm_backward(spec, p, g, spec.norm1, &s.dnorm, x_in, &a.n1, dx);
 }
 
 /// `y += x` elementwise.
