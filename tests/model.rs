@@ -653,6 +653,8 @@ fn batch_errors_are_values() {
     );
     let e = Batch::new(&[1, 2, 3, 4], 1, 4, &[2], &[2, 3, 4, IGNORE_INDEX]).unwrap_err();
     assert!(format!("{e}").contains("targets[0,2]"), "{e}");
+    let e = Batch::new(&[1, 2, 3, 4], 1, 4, &[4], &[2, -5, 4, IGNORE_INDEX]).unwrap_err();
+    assert!(format!("{e}").contains("negative"), "{e}");
     let b = Batch::causal_lm(&[1, 60000, 3, 4], 1, 4, &[4]).unwrap();
     assert!(format!("{}", m.forward(&b).unwrap_err()).contains("60000"));
     let long: Vec<i64> = vec![5; 300];

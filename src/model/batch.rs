@@ -64,7 +64,11 @@ impl Batch {
             }
             let tg = targets[i];
             ensure!(
-                tg == IGNORE_INDEX || (tg >= 0 && t < lengths[b]),
+                tg == IGNORE_INDEX || tg >= 0,
+                "targets[{b},{t}] = {tg} is negative and not the ignore index {IGNORE_INDEX}"
+            );
+            ensure!(
+                tg == IGNORE_INDEX || t < lengths[b],
                 "targets[{b},{t}] = {tg}: only positions t < lengths[{b}] = {} may have a target (others must be {IGNORE_INDEX})",
                 lengths[b]
             );

@@ -63,7 +63,12 @@ pub fn save_pretrained(
         .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     sync_dir(&parent)?;
     if had_old {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        let removed = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+        removed.with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
 }
