@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod kernels;
+pub mod model;
 pub mod ops;
 
 pub use device::Device;

@@ -1,0 +1,156 @@
+//! Causal multi-head attention over packed sequences (grouped-query, optional sliding window).
+//!
+//! Rows are tokens of several sequences laid end to end (no padding); row `n` attends to rows
+//! `start[n] ..= n` of its own sequence (fewer with a window). Only the per-row log-sum-exp of the
+//! scores is saved: the backward recomputes the probabilities, so memory stays O(rows·heads)
+//! instead of O(rows·T·heads).
+//!
+//! The backward runs in two passes so that every output row has one writer: dq per query row,
+//! then dk/dv per key row (summing over the query heads of its group), with no atomics or locks.
+
+use rayon::prelude::*;
+
+/// Which keys each row sees, and the head geometry.
+pub struct Geometry<'a> {
+    /// Per row: first row of its sequence.
+    pub seq_start: &'a [usize],
+    /// Per row: one past the last row of its sequence.
+    pub seq_end: &'a [usize],
+    /// Query heads `H`.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Head width `d`.
+    pub head_dim: usize,
+    /// Score multiplier.
+    pub scale: f32,
+    /// Sliding window: keys with `query − key ≥ window` are masked.
+    pub window: Option<usize>,
+}
+
+impl Geometry<'_> {
+    /// Keys of query row `n`.
+    fn keys(&self, n: usize) -> std::ops::Range<usize> {
+        let lo = match self.window {
+            Some(w) => self.seq_start[n].max((n + 1).saturating_sub(w)),
+            None => self.seq_start[n],
+        };
+        lo..n + 1
+    }
+    /// Queries that see key row `j`.
+    fn queries(&self, j: usize) -> std::ops::Range<usize> {
+        let hi = match self.window {
+            Some(w) => self.seq_end[j].min(j + w),
+            None => self.seq_end[j],
+        };
+        j..hi
+    }
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `out[n, h] = Σ_j softmax_j(scale·q[n,h]·k[j,g]) v[j,g]` with `g = h / group`;
+/// `lse[n, h]` = log-sum-exp of the scores. `q`, `out`: `[N, H·d]`; `k`, `v`: `[N, KvH·d]`.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], geo: &Geometry, out: &mut [f32], lse: &mut [f32]) {
+    let (h_n, d, kvw) = (geo.heads, geo.head_dim, geo.kv_heads * geo.head_dim);
+    out.par_chunks_mut(h_n * d)
+        .zip(lse.par_chunks_mut(h_n))
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (n, (o, l))| {
+            let keys = geo.keys(n);
+            for h in 0..h_n {
+                let g = h / geo.group();
+                let qh = &q[n * h_n * d + h * d..][..d];
+                scores.clear();
+                scores.extend(keys.clone().map(|j| geo.scale * dot(qh, &k[j * kvw + g * d..][..d])));
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - m).exp();
+                    sum += *s;
+                }
+                let oh = &mut o[h * d..(h + 1) * d];
+                oh.fill(0.0);
+                for (p, j) in scores.iter().zip(keys.clone()) {
+                    let vj = &v[j * kvw + g * d..][..d];
+                    for (a, &b) in oh.iter_mut().zip(vj) {
+                        *a += p * b;
+                    }
+                }
+                let inv = 1.0 / sum;
+                oh.iter_mut().for_each(|a| *a *= inv);
+                l[h] = m + sum.ln();
+            }
+        });
+}
+
+/// Gradients of [`forward`]: overwrites `dq`, `dk`, `dv` from `dout`; `delta` (`[N, H]`) is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    geo: &Geometry,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    delta: &mut [f32],
+) {
+    let (h_n, d, kvw) = (geo.heads, geo.head_dim, geo.kv_heads * geo.head_dim);
+    let qw = h_n * d;
+    // delta[n,h] = dout·out = Σ_j p_j (dout·v_j): the softmax backward's row constant.
+    delta.par_chunks_mut(h_n).enumerate().for_each(|(n, dl)| {
+        for (h, x) in dl.iter_mut().enumerate() {
+            *x = dot(&dout[n * qw + h * d..][..d], &out[n * qw + h * d..][..d]);
+        }
+    });
+    let delta = &*delta;
+    // dS[n,h,j] = p·(dout[n,h]·v[j] − delta[n,h]); dq[n,h] = scale Σ_j dS k[j].
+    dq.par_chunks_mut(qw).enumerate().for_each(|(n, dqr)| {
+        dqr.fill(0.0);
+        for h in 0..h_n {
+            let g = h / geo.group();
+            let (qh, doh) = (&q[n * qw + h * d..][..d], &dout[n * qw + h * d..][..d]);
+            let dqh = &mut dqr[h * d..(h + 1) * d];
+            for j in geo.keys(n) {
+                let kj = &k[j * kvw + g * d..][..d];
+                let p = (geo.scale * dot(qh, kj) - lse[n * h_n + h]).exp();
+                let ds = p * (dot(doh, &v[j * kvw + g * d..][..d]) - delta[n * h_n + h]) * geo.scale;
+                for (a, &b) in dqh.iter_mut().zip(kj) {
+                    *a += ds * b;
+                }
+            }
+        }
+    });
+    // dk[j,g] = scale Σ_{n,h∈g} dS q[n,h];  dv[j,g] = Σ_{n,h∈g} p dout[n,h].
+    dk.par_chunks_mut(kvw)
+        .zip(dv.par_chunks_mut(kvw))
+        .enumerate()
+        .for_each(|(j, (dkr, dvr))| {
+            dkr.fill(0.0);
+            dvr.fill(0.0);
+            for g in 0..geo.kv_heads {
+                let (kj, vj) = (&k[j * kvw + g * d..][..d], &v[j * kvw + g * d..][..d]);
+                let (dkh, dvh) = (&mut dkr[g * d..(g + 1) * d], &mut dvr[g * d..(g + 1) * d]);
+                for h in g * geo.group()..(g + 1) * geo.group() {
+                    for n in geo.queries(j) {
+                        let (qh, doh) = (&q[n * qw + h * d..][..d], &dout[n * qw + h * d..][..d]);
+                        let p = (geo.scale * dot(qh, kj) - lse[n * h_n + h]).exp();
+                        let ds = p * (dot(doh, vj) - delta[n * h_n + h]) * geo.scale;
+                        for i in 0..d {
+                            dkh[i] += ds * qh[i];
+                            dvh[i] += p * doh[i];
+                        }
+                    }
+                }
+            }
+        });
+}
