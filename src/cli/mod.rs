@@ -1,0 +1,3 @@
+//! Subcommand implementations of the `irbridge` binary, one module each. `main.rs` only parses.
+
+pub mod info;
