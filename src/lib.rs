@@ -7,8 +7,10 @@
 pub mod data;
 pub mod device;
 pub mod dtype;
+pub mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod score;
 
 pub use device::Device;

@@ -16,6 +16,10 @@ struct Cli {
 enum Command {
     /// Show the build's CUDA kernels and the devices this machine offers.
     Info,
+    /// Per-sequence completion log-probs of a model over a dataset (one JSON line per row).
+    Logps(cli::logps::LogpsArgs),
+    /// Preference loss and reward metrics of a policy against a reference over a dataset.
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() {
@@ -29,5 +33,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => cli::info::run(),
+        Command::Logps(a) => cli::logps::run(a),
+        Command::Eval(a) => cli::eval::run(a),
     }
 }

@@ -111,6 +111,11 @@ pub enum Row {
 }
 
 impl Row {
+    /// True for preference rows (chosen/rejected pairs), which DPO consumes.
+    pub fn is_preference(&self) -> bool {
+        matches!(self, Row::Preference { .. } | Row::ShareGpt { .. })
+    }
+
     /// Short name of the row's shape, for error messages and reports.
     pub fn kind(&self) -> &'static str {
         match self {

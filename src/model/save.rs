@@ -12,9 +12,9 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::fsutil::{sync_dir, temp_sibling, write_synced};
 
 /// Tokenizer and generation files copied verbatim from the source checkpoint when present.
 pub const TOKENIZER_FILES: [&str; 6] = [
@@ -30,16 +30,13 @@ pub const TOKENIZER_FILES: [&str; 6] = [
 /// `config.json` (the source JSON with the dtype set to float32), and the [`TOKENIZER_FILES`]
 /// found in `source_dir`. An existing `out/` is replaced.
 pub fn save_pretrained(cfg: &ModelConfig, params: &Tensors, source_dir: Option<&Path>, out: &Path) -> Result<()> {
-    let name = out
-        .file_name()
-        .with_context(|| format!("{}: not a directory name", out.display()))?;
+    ensure!(out.file_name().is_some(), "{}: not a directory name", out.display());
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tag = format!("{}.{}", std::process::id(), unique());
-    let tmp = parent.join(format!(".{}.tmp-{tag}", name.to_string_lossy()));
+    let tmp = temp_sibling(out);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let written = write_all(cfg, params, source_dir, &tmp);
     if let Err(e) = written {
@@ -48,7 +45,7 @@ pub fn save_pretrained(cfg: &ModelConfig, params: &Tensors, source_dir: Option<&
     }
     // A directory cannot be renamed over a non-empty one: move the old one aside first, so the
     // window without a checkpoint is two renames long, and the old copy is deleted only after.
-    let old = parent.join(format!(".{}.old-{tag}", name.to_string_lossy()));
+    let old = temp_sibling(out);
     let had_old = out.exists();
     if had_old {
         std::fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
@@ -112,22 +109,3 @@ fn config_json(cfg: &ModelConfig) -> Result<String> {
     Ok(serde_json::to_string_pretty(&json)? + "\n")
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
-/// Distinguishes concurrent saves from one process.
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}

@@ -1,0 +1,106 @@
+//! `irbridge eval`: the preference loss and the REFERENCE §5 metrics of a policy against a
+//! reference over a whole file, printed as one JSON object (mean over pairs, as a step loss).
+
+use super::progress::Progress;
+use super::{load_dataset, Dataset, ModelArgs};
+use anyhow::{bail, Result};
+use clap::Args;
+use irbridge::data::Tokenizer;
+use irbridge::model::Model;
+use irbridge::ops::prefloss::{FDivergence, LossType, PrefLossConfig};
+use irbridge::score::{preference_metrics, score_pairs, DEFAULT_SCORE_BATCH};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+/// Arguments of `irbridge eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The policy checkpoint (its tokenizer is used for both models).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The reference checkpoint (must share the policy's tokenizer).
+    #[arg(long = "ref")]
+    reference: PathBuf,
+    #[command(flatten)]
+    common: ModelArgs,
+    /// β of the implicit reward.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// TRL loss type(s), comma-separated (e.g. `sigmoid` or `sigmoid,sft`).
+    #[arg(long, default_value = "sigmoid")]
+    loss_type: String,
+    /// Weights of the loss types (default 1 each).
+    #[arg(long)]
+    loss_weights: Option<String>,
+    /// f-divergence score of the log-ratios.
+    #[arg(long, default_value = "reverse_kl")]
+    f_divergence_type: String,
+    /// Label smoothing ε (conservative DPO / robust).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+}
+
+/// Builds the preference-loss configuration from TRL-named flags.
+pub fn pref_config(
+    beta: f64,
+    loss_type: &str,
+    loss_weights: Option<&str>,
+    f_divergence_type: &str,
+    label_smoothing: f64,
+) -> Result<PrefLossConfig> {
+    let types: Vec<LossType> = loss_type.split(',').map(|s| s.trim().parse()).collect::<Result<_>>()?;
+    let weights: Vec<f64> = match loss_weights {
+        None => vec![1.0; types.len()],
+        Some(w) => w
+            .split(',')
+            .map(|s| s.trim().parse::<f64>().map_err(|e| anyhow::anyhow!("--loss-weights: `{s}`: {e}")))
+            .collect::<Result<_>>()?,
+    };
+    if weights.len() != types.len() {
+        bail!("--loss-weights has {} values for {} loss types", weights.len(), types.len());
+    }
+    let mut cfg = PrefLossConfig::single(types[0]);
+    cfg.terms = types.into_iter().zip(weights).collect();
+    cfg.beta = beta;
+    cfg.f_divergence = f_divergence_type.parse::<FDivergence>()?;
+    cfg.label_smoothing = label_smoothing;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs `irbridge eval`.
+pub fn run(args: EvalArgs) -> Result<()> {
+    args.common.check_device()?;
+    let cfg = pref_config(
+        args.beta,
+        &args.loss_type,
+        args.loss_weights.as_deref(),
+        &args.f_divergence_type,
+        args.label_smoothing,
+    )?;
+    let tok = Tokenizer::from_dir(&args.policy)?;
+    let policy = Model::load(&args.policy)?;
+    let reference = Model::load(&args.reference)?;
+    let pad = tok.pad_id()?;
+    let Dataset::Dpo(ds) = load_dataset(&args.common.data, &tok, args.common.max_length)? else {
+        bail!("{}: eval needs preference rows (prompt/chosen/rejected)", args.common.data.display());
+    };
+    let kept: Vec<_> = ds.kept().collect();
+    if kept.is_empty() {
+        bail!("{}: no pair survived tokenisation ({})", args.common.data.display(), ds.report);
+    }
+    let mut bar = Progress::new("eval policy", kept.len());
+    let pol = score_pairs(&policy, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+    let mut bar = Progress::new("eval reference", kept.len());
+    let refs = score_pairs(&reference, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+    let (_, metrics) = preference_metrics(&cfg, &pol, &refs)?;
+    eprintln!("{}", ds.report);
+    let mut out = Map::new();
+    for (k, v) in metrics.named() {
+        out.insert(k.to_string(), Value::from(v));
+    }
+    out.insert("n_pairs".into(), Value::from(kept.len()));
+    out.insert("n_dropped".into(), Value::from(ds.report.n_dropped()));
+    println!("{}", Value::Object(out));
+    Ok(())
+}

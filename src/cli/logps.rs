@@ -1,0 +1,85 @@
+//! `irbridge logps`: per-sequence completion log-probs of a model over a dataset file, one JSON
+//! line per input row (REFERENCE §2: sums over completion tokens, TRL tokenisation, keep_start
+//! truncation).
+
+use super::progress::Progress;
+use super::{load_dataset, Dataset, ModelArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use irbridge::data::Tokenizer;
+use irbridge::model::Model;
+use irbridge::score::{score_pairs, score_sequences, DEFAULT_SCORE_BATCH};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `irbridge logps`.
+#[derive(Args)]
+pub struct LogpsArgs {
+    /// Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    common: ModelArgs,
+    /// Write the JSON lines here (atomically) instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// Runs `irbridge logps`.
+pub fn run(args: LogpsArgs) -> Result<()> {
+    args.common.check_device()?;
+    let tok = Tokenizer::from_dir(&args.model)?;
+    let model = Model::load(&args.model)?;
+    let pad = tok.pad_id()?;
+    let ds = load_dataset(&args.common.data, &tok, args.common.max_length)?;
+    let mut lines: Vec<Value> = Vec::new();
+    match &ds {
+        Dataset::Sft(d) => {
+            let kept: Vec<_> = d.kept().collect();
+            let seqs: Vec<_> = kept.iter().map(|e| &e.info.seq).collect();
+            let mut bar = Progress::new("logps", seqs.len());
+            let scores = score_sequences(&model, &seqs, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+            let mut it = scores.into_iter();
+            for ex in &d.examples {
+                lines.push(match ex.dropped {
+                    Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
+                    None => {
+                        let s = it.next().context("internal: fewer scores than kept rows")?;
+                        json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens})
+                    }
+                });
+            }
+        }
+        Dataset::Dpo(d) => {
+            let kept: Vec<_> = d.kept().collect();
+            let mut bar = Progress::new("logps (pairs)", kept.len());
+            let scores = score_pairs(&model, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+            let mut it = scores.into_iter();
+            for ex in &d.examples {
+                lines.push(match ex.dropped {
+                    Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
+                    None => {
+                        let (c, r) = it.next().context("internal: fewer scores than kept pairs")?;
+                        json!({
+                            "source": ex.source,
+                            "chosen_logps": c.logp, "rejected_logps": r.logp,
+                            "chosen_tokens": c.tokens, "rejected_tokens": r.tokens,
+                        })
+                    }
+                });
+            }
+        }
+    }
+    eprintln!("{}", ds.report());
+    let mut text = String::new();
+    for l in &lines {
+        text.push_str(&l.to_string());
+        text.push('\n');
+    }
+    match &args.output {
+        Some(path) => irbridge::fsutil::write_atomic(path, text.as_bytes())?,
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The `logps` and `eval` commands end to end, through the built binary, against the TRL
+//! goldens on real data (fixtures README §6), and their behaviour on bad input.
+
+mod common;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn irbridge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_irbridge")).args(args).output().expect("running irbridge")
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("irbridge-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn expected(name: &str) -> Value {
+    let p = common::fixtures().join("e2e").join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn lines(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "irbridge failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn logps_reproduces_the_dpo_goldens_row_by_row() {
+    let f = common::fixtures();
+    let data = path(&f.join("e2e/dpo_input.jsonl"));
+    let want = expected("dpo_expected.json");
+    for (model, key) in [("tiny-gpt2", "policy"), ("tiny-llama", "ref")] {
+        let out = irbridge(&[
+            "logps",
+            "--model",
+            &path(&f.join("models").join(model)),
+            "--data",
+            &data,
+            "--max-length",
+            "256",
+        ]);
+        let got = lines(&out);
+        let rows = want["rows"].as_array().unwrap();
+        assert_eq!(got.len(), rows.len(), "one line per input row");
+        for (g, w) in got.iter().zip(rows) {
+            if w["dropped"].as_bool().unwrap() {
+                assert_eq!(g["dropped"], "prompt ≥ max_length", "{}", w["source"]);
+                continue;
+            }
+            for side in ["chosen", "rejected"] {
+                let lp = g[format!("{side}_logps")].as_f64().unwrap();
+                let want_lp = w[format!("{key}_{side}_logps")].as_f64().unwrap();
+                assert!((lp - want_lp).abs() < 2e-3, "{model} {} {side}: {lp} vs {want_lp}", w["source"]);
+                assert_eq!(g[format!("{side}_tokens")], w[format!("{side}_count")]);
+            }
+        }
+    }
+}
+
+#[test]
+fn logps_reproduces_the_sft_goldens_and_writes_the_output_file() {
+    let f = common::fixtures();
+    let dir = temp_dir("sft");
+    let out_file = dir.join("logps.jsonl");
+    let out = irbridge(&[
+        "logps",
+        "--model",
+        &path(&f.join("models/tiny-gpt2")),
+        "--data",
+        &path(&f.join("e2e/sft_input.jsonl")),
+        "--max-length",
+        "256",
+        "--output",
+        &path(&out_file),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "--output keeps stdout empty");
+    let got: Vec<Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = expected("sft_expected.json");
+    let rows = want["rows"].as_array().unwrap();
+    assert_eq!(got.len(), rows.len());
+    let (mut sum, mut tokens) = (0.0, 0u64);
+    for (g, w) in got.iter().zip(rows) {
+        let lp = g["completion_logps"].as_f64().unwrap();
+        assert!((lp - w["completion_logps"].as_f64().unwrap()).abs() < 2e-3, "{}", w["source"]);
+        assert_eq!(g["completion_tokens"], w["count"]);
+        sum += lp;
+        tokens += g["completion_tokens"].as_u64().unwrap();
+    }
+    let agg = &want["aggregate"];
+    assert_eq!(tokens, agg["total_tokens"].as_u64().unwrap());
+    assert!((-sum / tokens as f64 - agg["token_mean_nll"].as_f64().unwrap()).abs() < 1e-5);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn eval_reproduces_the_dpo_aggregate() {
+    let f = common::fixtures();
+    let out = irbridge(&[
+        "eval",
+        "--policy",
+        &path(&f.join("models/tiny-gpt2")),
+        "--ref",
+        &path(&f.join("models/tiny-llama")),
+        "--data",
+        &path(&f.join("e2e/dpo_input.jsonl")),
+        "--max-length",
+        "256",
+        "--beta",
+        "0.1",
+        "--loss-type",
+        "sigmoid",
+    ]);
+    let got = &lines(&out)[0];
+    let want = &expected("dpo_expected.json")["aggregate"];
+    assert_eq!(got["n_pairs"], want["n_kept"]);
+    assert_eq!(got["n_dropped"], want["n_dropped"]);
+    for (k, w) in [
+        ("loss", "loss_mean"),
+        ("rewards/chosen", "rewards/chosen"),
+        ("rewards/rejected", "rewards/rejected"),
+        ("rewards/margins", "rewards/margins"),
+        ("rewards/accuracies", "rewards/accuracies"),
+        ("logps/chosen", "logps/chosen"),
+        ("logps/rejected", "logps/rejected"),
+    ] {
+        let (g, w) = (got[k].as_f64().unwrap(), want[w].as_f64().unwrap());
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{k}: {g} vs {w}");
+    }
+}
+
+/// Exit code 1, exactly one `error:` line naming the culprit, no panic, no output file.
+fn assert_clean_error(out: &Output, mentions: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "stderr: {err}");
+    assert!(error_lines[0].contains(mentions), "`{}` should mention `{mentions}`", error_lines[0]);
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_line() {
+    let f = common::fixtures();
+    let model = path(&f.join("models/tiny-gpt2"));
+    let dir = temp_dir("bad");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\",\n").unwrap();
+    let out_file = dir.join("out.jsonl");
+    let out = irbridge(&["logps", "--model", &model, "--data", &path(&bad), "--output", &path(&out_file)]);
+    assert_clean_error(&out, "bad.jsonl:2");
+    assert!(!out_file.exists(), "no output after an error");
+
+    let missing = dir.join("no-such-model");
+    let out = irbridge(&["logps", "--model", &path(&missing), "--data", &path(&bad)]);
+    assert_clean_error(&out, "no-such-model");
+
+    let sft = path(&f.join("e2e/sft_input.jsonl"));
+    let out = irbridge(&["eval", "--policy", &model, "--ref", &model, "--data", &sft]);
+    assert_clean_error(&out, "preference rows");
+
+    let dpo = path(&f.join("e2e/dpo_input.jsonl"));
+    let out = irbridge(&["eval", "--policy", &model, "--ref", &model, "--data", &dpo, "--loss-type", "nope"]);
+    assert_clean_error(&out, "nope");
+    std::fs::remove_dir_all(dir).unwrap();
+}
