@@ -21,7 +21,6 @@ const GOLDENS: [&str; 3] = [
 
 /// One golden file with its index entry.
 struct Case {
-    name: &'static str,
     rows: usize,
     vocab: usize,
     g: std::collections::HashMap<String, common::Golden>,
@@ -44,7 +43,6 @@ impl Case {
             "{name}: logits shape vs index"
         );
         Case {
-            name,
             rows,
             vocab,
             g,

@@ -178,17 +178,16 @@ fn row_grad<T: Elem>(x: &mut [T], t: i64, lse: f32, g: f32) {
     x[t] = T::from_f32(grad_t);
 }
 
-/// Checks the optional outputs of the forward and returns the entropy slice (empty when unwanted).
-fn forward_outputs<'a>(
-    out: ForwardOut<'a>,
-    rows: usize,
-) -> Result<(&'a mut [f32], &'a mut [f32], Option<&'a mut [f32]>)> {
-    check_rows("lse", out.lse.len(), rows)?;
-    check_rows("logp", out.logp.len(), rows)?;
-    if let Some(e) = &out.entropy {
-        check_rows("entropy", e.len(), rows)?;
+impl ForwardOut<'_> {
+    /// Checks that every requested output has one entry per row.
+    fn check(&self, rows: usize) -> Result<()> {
+        check_rows("lse", self.lse.len(), rows)?;
+        check_rows("logp", self.logp.len(), rows)?;
+        if let Some(e) = &self.entropy {
+            check_rows("entropy", e.len(), rows)?;
+        }
+        Ok(())
     }
-    Ok((out.lse, out.logp, out.entropy))
 }
 
 /// Per-row forward results `(lse, logp, entropy)` in f32.
@@ -229,7 +228,8 @@ pub fn forward_cpu<T: Elem>(
     out: ForwardOut<'_>,
 ) -> Result<()> {
     check_shapes(logits.len(), rows, vocab, targets)?;
-    let (lse, logp, entropy) = forward_outputs(out, rows)?;
+    out.check(rows)?;
+    let ForwardOut { lse, logp, entropy } = out;
     let want_entropy = entropy.is_some();
     let stats: Vec<(f32, f32, f32)> = logits
         .par_chunks(vocab)
@@ -273,7 +273,8 @@ pub fn forward_backward_cpu<T: Elem>(
 ) -> Result<()> {
     check_shapes(logits.len(), rows, vocab, targets)?;
     check_rows("dlogp", dlogp.len(), rows)?;
-    let (lse, logp, entropy) = forward_outputs(out, rows)?;
+    out.check(rows)?;
+    let ForwardOut { lse, logp, entropy } = out;
     let want_entropy = entropy.is_some();
     let stats: Vec<(f32, f32, f32)> = logits
         .par_chunks_mut(vocab)
