@@ -84,13 +84,14 @@ template <> struct LsVec<__nv_bfloat16> {
     }
 };
 
-// Cache policy of a sweep: KEEP leaves lines in L2 for a second sweep of the same row; STREAM
-// marks them evict-first (the last read of those bytes).
+// Cache policy of a sweep: KEEP caches in L2 only (ld.global.cg), leaving the lines there for a
+// second sweep of the same row; STREAM marks them evict-first (the last read of those bytes).
+// Both are coherent loads, never the read-only path: the fused kernel later writes the row.
 enum { LS_KEEP = 0, LS_STREAM = 1 };
 
 template <int P> __device__ __forceinline__ uint4 ls_ld16(const uint4* p) {
     if (P == LS_STREAM) return __ldcs(p);
-    return __ldg(p);
+    return __ldcg(p);
 }
 
 // Head / 16-byte body / tail of one row.
