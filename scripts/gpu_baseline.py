@@ -25,19 +25,17 @@ COLUMNS = "| shape | dtype | op | median ms | GB counted | GB/s | x copy BW | ti
 
 
 def timed_median(torch, fn, iters):
-    """Median milliseconds of `fn()` between two CUDA events, after WARMUP calls."""
+    """Median milliseconds of `iters` back-to-back calls of `fn()`, each between two CUDA events,
+    after WARMUP calls; one synchronisation at the end, so launch latency is not timed as idle."""
     for _ in range(WARMUP):
         fn()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for i in range(iters):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))
     return times[len(times) // 2]
 
 
