@@ -17,8 +17,10 @@ use half::bf16;
 const MODULE: &str = "logsoftmax";
 /// Threads per row for the forward, the backward and the unfused baseline.
 const ROW_THREADS: u32 = 512;
-/// Threads per row for the one-launch forward + backward: one 1024-thread block per SM keeps the
-/// rows in flight (and so the bytes the second sweep re-reads) small enough to stay in L2.
+/// Threads per row for the one-launch forward + backward: one 1024-thread block per SM (64
+/// registers each) keeps few rows in flight, so that the bytes the second sweep re-reads are
+/// likely still in L2 (132 bf16 rows of 128256 are 34 MB; f32 rows of that length are twice
+/// that and may not fit: to be measured on the GPU).
 const FUSED_THREADS: u32 = 1024;
 
 mod sealed {
