@@ -857,4 +857,81 @@ mod gpu {
             1e-6 * max_abs(want),
         );
     }
+
+    #[test]
+    fn gpu_launchers_reject_bad_lengths() {
+        let Some(dev) = device("logsoftmax gpu_launchers_reject_bad_lengths") else {
+            return;
+        };
+        let s = dev.stream();
+        let (r, v) = (3, 5);
+        let mut x = s.clone_htod(&vec![0.5f32; r * v]).unwrap();
+        let t = s.clone_htod(&[1i64, IGNORE_INDEX, 99]).unwrap();
+        let mut rowbuf: Vec<CudaSlice<f32>> = (0..4).map(|_| s.alloc_zeros(r).unwrap()).collect();
+        let short: CudaSlice<f32> = s.alloc_zeros(r - 1).unwrap();
+        let [a, b, c, d] = &mut rowbuf[..] else {
+            unreachable!()
+        };
+        let out = CudaForwardOut {
+            lse: a.as_view_mut(),
+            logp: b.as_view_mut(),
+            entropy: None,
+        };
+        let e = err_text(forward_cuda(&dev, &x.slice(1..), r, v, &t.as_view(), out));
+        assert!(e.contains("logits"), "{e}");
+        let out = CudaForwardOut {
+            lse: a.as_view_mut(),
+            logp: b.as_view_mut(),
+            entropy: None,
+        };
+        let e = err_text(forward_cuda(&dev, &x.as_view(), r, v, &t.slice(1..), out));
+        assert!(e.contains("targets"), "{e}");
+        let out = CudaForwardOut {
+            lse: a.as_view_mut(),
+            logp: b.as_view_mut(),
+            entropy: Some(c.slice_mut(1..)),
+        };
+        let e = err_text(forward_cuda(&dev, &x.as_view(), r, v, &t.as_view(), out));
+        assert!(e.contains("entropy"), "{e}");
+        let e = err_text(backward_cuda(
+            &dev,
+            &mut x.as_view_mut(),
+            r,
+            v,
+            &t.as_view(),
+            &short.as_view(),
+            &d.as_view(),
+        ));
+        assert!(e.contains("lse"), "{e}");
+        let out = CudaForwardOut {
+            lse: a.as_view_mut(),
+            logp: b.as_view_mut(),
+            entropy: None,
+        };
+        let e = err_text(forward_backward_cuda(
+            &dev,
+            &mut x.as_view_mut(),
+            r,
+            v,
+            &t.as_view(),
+            &short.as_view(),
+            out,
+        ));
+        assert!(e.contains("dlogp"), "{e}");
+        // Target 99 is out of range: accepted on the GPU (no host copy) and treated as ignored.
+        let out = CudaForwardOut {
+            lse: a.as_view_mut(),
+            logp: b.as_view_mut(),
+            entropy: None,
+        };
+        forward_cuda(&dev, &x.as_view(), r, v, &t.as_view(), out).unwrap();
+        let logp = s.clone_dtoh(&*b).unwrap();
+        s.synchronize().unwrap();
+        assert_eq!(logp[2], 0.0, "out-of-range target must read as ignored");
+        assert!(
+            (logp[0] + (v as f32).ln()).abs() < 1e-6,
+            "uniform row logp {}",
+            logp[0]
+        );
+    }
 }
