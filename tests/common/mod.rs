@@ -33,10 +33,7 @@ impl Golden {
     }
     pub fn bf16(&self) -> Vec<bf16> {
         assert_eq!(self.dtype, Dtype::BF16);
-        self.raw
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        self.raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()
     }
 }
 
@@ -48,33 +45,13 @@ pub fn load_goldens(path: &std::path::Path) -> HashMap<String, Golden> {
     for (name, view) in st.tensors() {
         let raw = view.data().to_vec();
         let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::I64 => raw
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::I64 => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
             d => panic!("{name}: unexpected dtype {d:?}"),
         };
-        out.insert(
-            name,
-            Golden {
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                data,
-                raw,
-            },
-        );
+        out.insert(name, Golden { dtype: view.dtype(), shape: view.shape().to_vec(), data, raw });
     }
     out
 }
