@@ -21,7 +21,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn temp_sibling(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let n = N.fetch_add(1, Ordering::Relaxed);
     parent_of(path).join(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
@@ -29,7 +32,8 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 /// Creates `path`, writes `bytes` and fsyncs the file.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all().with_context(|| format!("syncing {}", path.display()))
 }
 
@@ -59,7 +63,10 @@ mod tests {
         write_atomic(&p, b"first\n").unwrap();
         write_atomic(&p, b"second\n").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"second\n");
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "leftover files: {names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

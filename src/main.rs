@@ -6,7 +6,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "irbridge", version, about = "SFT and DPO post-training around the implicit reward β·log π/π_ref")]
+#[command(
+    name = "irbridge",
+    version,
+    about = "SFT and DPO post-training around the implicit reward β·log π/π_ref"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

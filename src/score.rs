@@ -85,7 +85,12 @@ pub fn preference_metrics(
             .map(|(c, r)| (if chosen { c.tokens } else { r.tokens }) as i32)
             .collect()
     };
-    let (pc, pr, rc, rr) = (col(policy, true), col(policy, false), col(reference, true), col(reference, false));
+    let (pc, pr, rc, rr) = (
+        col(policy, true),
+        col(policy, false),
+        col(reference, true),
+        col(reference, false),
+    );
     let (cc, rcnt) = (count(true), count(false));
     let inputs = PairInputs {
         policy_chosen: &pc,

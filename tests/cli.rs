@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge")).args(args).output().expect("running irbridge")
+    Command::new(env!("CARGO_BIN_EXE_irbridge"))
+        .args(args)
+        .output()
+        .expect("running irbridge")
 }
 
 fn path(p: &Path) -> String {
@@ -27,7 +30,11 @@ fn expected(name: &str) -> Value {
 }
 
 fn lines(out: &Output) -> Vec<Value> {
-    assert!(out.status.success(), "irbridge failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "irbridge failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone())
         .unwrap()
         .lines()
@@ -61,7 +68,11 @@ fn logps_reproduces_the_dpo_goldens_row_by_row() {
             for side in ["chosen", "rejected"] {
                 let lp = g[format!("{side}_logps")].as_f64().unwrap();
                 let want_lp = w[format!("{key}_{side}_logps")].as_f64().unwrap();
-                assert!((lp - want_lp).abs() < 2e-3, "{model} {} {side}: {lp} vs {want_lp}", w["source"]);
+                assert!(
+                    (lp - want_lp).abs() < 2e-3,
+                    "{model} {} {side}: {lp} vs {want_lp}",
+                    w["source"]
+                );
                 assert_eq!(g[format!("{side}_tokens")], w[format!("{side}_count")]);
             }
         }
@@ -97,7 +108,11 @@ fn logps_reproduces_the_sft_goldens_and_writes_the_output_file() {
     let (mut sum, mut tokens) = (0.0, 0u64);
     for (g, w) in got.iter().zip(rows) {
         let lp = g["completion_logps"].as_f64().unwrap();
-        assert!((lp - w["completion_logps"].as_f64().unwrap()).abs() < 2e-3, "{}", w["source"]);
+        assert!(
+            (lp - w["completion_logps"].as_f64().unwrap()).abs() < 2e-3,
+            "{}",
+            w["source"]
+        );
         assert_eq!(g["completion_tokens"], w["count"]);
         sum += lp;
         tokens += g["completion_tokens"].as_u64().unwrap();
@@ -151,7 +166,11 @@ fn assert_clean_error(out: &Output, mentions: &str) {
     assert!(!err.contains("panicked"), "panic: {err}");
     let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(error_lines.len(), 1, "stderr: {err}");
-    assert!(error_lines[0].contains(mentions), "`{}` should mention `{mentions}`", error_lines[0]);
+    assert!(
+        error_lines[0].contains(mentions),
+        "`{}` should mention `{mentions}`",
+        error_lines[0]
+    );
 }
 
 #[test]
@@ -160,9 +179,21 @@ fn bad_inputs_fail_with_one_clear_line() {
     let model = path(&f.join("models/tiny-gpt2"));
     let dir = temp_dir("bad");
     let bad = dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\",\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\",\n",
+    )
+    .unwrap();
     let out_file = dir.join("out.jsonl");
-    let out = irbridge(&["logps", "--model", &model, "--data", &path(&bad), "--output", &path(&out_file)]);
+    let out = irbridge(&[
+        "logps",
+        "--model",
+        &model,
+        "--data",
+        &path(&bad),
+        "--output",
+        &path(&out_file),
+    ]);
     assert_clean_error(&out, "bad.jsonl:2");
     assert!(!out_file.exists(), "no output after an error");
 
@@ -175,7 +206,17 @@ fn bad_inputs_fail_with_one_clear_line() {
     assert_clean_error(&out, "preference rows");
 
     let dpo = path(&f.join("e2e/dpo_input.jsonl"));
-    let out = irbridge(&["eval", "--policy", &model, "--ref", &model, "--data", &dpo, "--loss-type", "nope"]);
+    let out = irbridge(&[
+        "eval",
+        "--policy",
+        &model,
+        "--ref",
+        &model,
+        "--data",
+        &dpo,
+        "--loss-type",
+        "nope",
+    ]);
     assert_clean_error(&out, "nope");
     std::fs::remove_dir_all(dir).unwrap();
 }

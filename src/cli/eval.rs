@@ -53,11 +53,19 @@ pub fn pref_config(
         None => vec![1.0; types.len()],
         Some(w) => w
             .split(',')
-            .map(|s| s.trim().parse::<f64>().map_err(|e| anyhow::anyhow!("--loss-weights: `{s}`: {e}")))
+            .map(|s| {
+                s.trim()
+                    .parse::<f64>()
+                    .map_err(|e| anyhow::anyhow!("--loss-weights: `{s}`: {e}"))
+            })
             .collect::<Result<_>>()?,
     };
     if weights.len() != types.len() {
-        bail!("--loss-weights has {} values for {} loss types", weights.len(), types.len());
+        bail!(
+            "--loss-weights has {} values for {} loss types",
+            weights.len(),
+            types.len()
+        );
     }
     let mut cfg = PrefLossConfig::single(types[0]);
     cfg.terms = types.into_iter().zip(weights).collect();
@@ -83,11 +91,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let reference = Model::load(&args.reference)?;
     let pad = tok.pad_id()?;
     let Dataset::Dpo(ds) = load_dataset(&args.common.data, &tok, args.common.max_length)? else {
-        bail!("{}: eval needs preference rows (prompt/chosen/rejected)", args.common.data.display());
+        bail!(
+            "{}: eval needs preference rows (prompt/chosen/rejected)",
+            args.common.data.display()
+        );
     };
     let kept: Vec<_> = ds.kept().collect();
     if kept.is_empty() {
-        bail!("{}: no pair survived tokenisation ({})", args.common.data.display(), ds.report);
+        bail!(
+            "{}: no pair survived tokenisation ({})",
+            args.common.data.display(),
+            ds.report
+        );
     }
     let mut bar = Progress::new("eval policy", kept.len());
     let pol = score_pairs(&policy, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;

@@ -62,9 +62,17 @@ pub fn load_dataset(path: &Path, tok: &Tokenizer, max_length: usize) -> Result<D
     };
     let pref = first.row.is_preference();
     if let Some(r) = records.iter().find(|r| r.row.is_preference() != pref) {
-        bail!("{}: a {} row among {} rows; one file holds one kind", r.source, r.row.kind(), first.row.kind());
+        bail!(
+            "{}: a {} row among {} rows; one file holds one kind",
+            r.source,
+            r.row.kind(),
+            first.row.kind()
+        );
     }
-    let opts = TokenizeOptions { max_length, ..TokenizeOptions::default() };
+    let opts = TokenizeOptions {
+        max_length,
+        ..TokenizeOptions::default()
+    };
     Ok(if pref {
         Dataset::Dpo(tokenize_dpo(&records, tok, &opts)?)
     } else {

@@ -108,4 +108,3 @@ fn config_json(cfg: &ModelConfig) -> Result<String> {
     ensure!(obj.contains_key("model_type"), "config.json: no model_type to save");
     Ok(serde_json::to_string_pretty(&json)? + "\n")
 }
-
