@@ -10,5 +10,6 @@ pub mod dtype;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod train;
 
 pub use device::Device;

@@ -4,9 +4,14 @@ mod cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use irbridge::train::Kind;
 
 #[derive(Parser)]
-#[command(name = "irbridge", version, about = "SFT and DPO post-training around the implicit reward β·log π/π_ref")]
+#[command(
+    name = "irbridge",
+    version,
+    about = "SFT and DPO post-training around the implicit reward β·log π/π_ref"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +21,19 @@ struct Cli {
 enum Command {
     /// Show the build's CUDA kernels and the devices this machine offers.
     Info,
+    /// Train a model (SFT or DPO).
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Show how a dataset is tokenised: tokens, loss masks, drop counts.
+    InspectData(cli::inspect::InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Supervised fine-tuning (NLL or an f-divergence objective).
+    Sft(cli::train::TrainArgs),
+    /// Preference optimisation (DPO and the TRL loss family).
+    Dpo(cli::train::TrainArgs),
 }
 
 fn main() {
@@ -29,5 +47,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => cli::info::run(),
+        Command::Train(TrainCommand::Sft(a)) => cli::train::run(Kind::Sft, &a),
+        Command::Train(TrainCommand::Dpo(a)) => cli::train::run(Kind::Dpo, &a),
+        Command::InspectData(a) => cli::inspect::run(&a),
     }
 }

@@ -10,7 +10,11 @@ pub fn run() -> Result<()> {
     match kernels::TOOLCHAIN {
         Some(tc) => {
             let names: Vec<&str> = kernels::KERNEL_IMAGES.iter().map(|k| k.name).collect();
-            println!("kernels: {} modules compiled with {tc}: {}", names.len(), names.join(", "));
+            println!(
+                "kernels: {} modules compiled with {tc}: {}",
+                names.len(),
+                names.join(", ")
+            );
         }
         None => println!("kernels: none (built without a CUDA compiler; CPU engine only)"),
     }

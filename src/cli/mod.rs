@@ -1,3 +1,5 @@
 //! Subcommand implementations of the `irbridge` binary, one module each. `main.rs` only parses.
 
 pub mod info;
+pub mod inspect;
+pub mod train;
