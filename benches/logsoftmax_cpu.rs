@@ -1,6 +1,11 @@
 //! CPU twin of the fused log-softmax + gather: forward, in-place backward and the one-call
 //! forward + backward, throughput in logit bytes (forward reads R·V·sizeof once; the backward
 //! reads and writes them; forward + backward reads twice and writes once).
+//!
+//! Two references run in the same group so every number has its context: `copy` (a parallel
+//! memcpy of the logits: the bandwidth ceiling a one-pass forward can approach; its throughput
+//! counts read + write) and `unfused_forward` (what a framework does without fusion: materialise
+//! the full f32 log-softmax, then gather; counts the logits read plus the R·V·4 bytes written).
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -9,6 +14,7 @@ use irbridge::ops::logsoftmax::{backward_cpu, forward_backward_cpu, forward_cpu,
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 const SHAPES: [(usize, usize); 3] = [(8, 50257), (32, 32003), (256, 1000)];
 
@@ -38,6 +44,20 @@ fn bench_dtype<T: Elem>(c: &mut Criterion) {
         let (mut lse, mut logp, mut ent) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
         let dlogp = vec![-1.0 / rows as f32; rows];
 
+        g.throughput(Throughput::Bytes(2 * bytes));
+        let mut copy = x.clone();
+        g.bench_function(BenchmarkId::new("copy", &id), |b| {
+            b.iter(|| {
+                copy.par_chunks_mut(vocab)
+                    .zip(x.par_chunks(vocab))
+                    .for_each(|(d, s)| d.copy_from_slice(s))
+            })
+        });
+        g.throughput(Throughput::Bytes(bytes + (rows * vocab * 4) as u64));
+        let mut full = vec![0f32; rows * vocab];
+        g.bench_function(BenchmarkId::new("unfused_forward", &id), |b| {
+            b.iter(|| unfused_forward(&x, vocab, &t, &mut full, &mut logp))
+        });
         g.throughput(Throughput::Bytes(bytes));
         g.bench_function(BenchmarkId::new("forward", &id), |b| {
             b.iter(|| {
@@ -85,6 +105,28 @@ fn bench_dtype<T: Elem>(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// The unfused baseline: a full f32 log-softmax tensor (as `torch.log_softmax` returns), then a
+/// gather of the target column.
+fn unfused_forward<T: Elem>(x: &[T], vocab: usize, targets: &[i64], full: &mut [f32], logp: &mut [f32]) {
+    full.par_chunks_mut(vocab)
+        .zip(x.par_chunks(vocab))
+        .for_each(|(out, row)| {
+            let m = row.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+            let s: f64 = row.iter().map(|v| ((v.to_f32() - m) as f64).exp()).sum();
+            let lse = m + s.ln() as f32;
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = v.to_f32() - lse;
+            }
+        });
+    for (r, (lp, &t)) in logp.iter_mut().zip(targets).enumerate() {
+        *lp = if t == IGNORE_INDEX {
+            0.0
+        } else {
+            full[r * vocab + t as usize]
+        };
+    }
 }
 
 fn benches(c: &mut Criterion) {

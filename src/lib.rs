@@ -11,6 +11,8 @@ pub mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod score;
+pub mod train;
 
 pub use device::Device;

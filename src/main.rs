@@ -4,6 +4,7 @@ mod cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use irbridge::train::Kind;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,19 @@ enum Command {
     Logps(cli::logps::LogpsArgs),
     /// Preference loss and reward metrics of a policy against a reference over a dataset.
     Eval(cli::eval::EvalArgs),
+    /// Train a model (SFT or DPO).
+    #[command(subcommand)]
+    Train(Box<TrainCommand>),
+    /// Show how a dataset is tokenised: tokens, loss masks, drop counts.
+    InspectData(cli::inspect::InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Supervised fine-tuning (NLL or an f-divergence objective).
+    Sft(cli::train::TrainArgs),
+    /// Preference optimisation (DPO and the TRL loss family).
+    Dpo(cli::train::TrainArgs),
 }
 
 fn main() {
@@ -39,5 +53,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info => cli::info::run(),
         Command::Logps(a) => cli::logps::run(a),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Train(t) => match *t {
+            TrainCommand::Sft(a) => cli::train::run(Kind::Sft, &a),
+            TrainCommand::Dpo(a) => cli::train::run(Kind::Dpo, &a),
+        },
+        Command::InspectData(a) => cli::inspect::run(&a),
     }
 }

@@ -682,3 +682,35 @@ fn sliding_window_masks_old_keys() {
         }
     }
 }
+
+/// The head's per-token argmax and mean logit (token accuracy, TRL `logits/*`) agree with the
+/// goldens' argmax and with the mean of the full logits.
+#[test]
+fn head_argmax_and_mean_logit() {
+    for name in ["tiny-gpt2", "tiny-llama"] {
+        let fx = fixture(name);
+        let (b_n, t_n, v) = (fx.batch.batch(), fx.batch.seq(), fx.model.config().vocab_size);
+        let f = fx.model.forward(&fx.batch).unwrap();
+        let logits = fx.model.forward_logits(&fx.batch).unwrap();
+        let want_arg = fx.g["logits_argmax"].i64();
+        let mask = f.target_mask();
+        let mut checked = 0;
+        for i in 0..b_n * t_n {
+            if !mask[i] {
+                assert_eq!(f.argmax()[i], 0, "{name}: argmax at a position without a target");
+                continue;
+            }
+            assert_eq!(f.argmax()[i] as i64, want_arg[i], "{name}: argmax at {i}");
+            let mean = logits[i * v..(i + 1) * v].iter().map(|&x| x as f64).sum::<f64>() / v as f64;
+            assert_close(
+                &format!("{name} logit_mean[{i}]"),
+                &[f.logit_mean()[i] as f64],
+                &[mean],
+                1e-5,
+                1e-6,
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, f.num_targets());
+    }
+}

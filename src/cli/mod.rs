@@ -2,8 +2,10 @@
 
 pub mod eval;
 pub mod info;
+pub mod inspect;
 pub mod logps;
 mod progress;
+pub mod train;
 
 use anyhow::{bail, Result};
 use clap::Args;

@@ -9,6 +9,36 @@
 use super::matmul::{gemm, View};
 use crate::ops::logsoftmax::{backward_cpu, forward_cpu, ForwardOut};
 use anyhow::Result;
+use rayon::prelude::*;
+
+/// Per-row facts about the logits that the log-softmax does not give: the argmax (first index of
+/// the maximum, as `torch.argmax`) and the mean logit over the vocabulary, in one extra read of a
+/// chunk that is already in cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowExtrema {
+    /// Index of the largest logit (the first one on ties).
+    pub argmax: u32,
+    /// `Σ_v x_v / V`, accumulated in f64.
+    pub mean: f32,
+}
+
+impl RowExtrema {
+    /// Scans one row of logits.
+    pub fn of(row: &[f32]) -> Self {
+        let (mut best, mut arg, mut sum) = (f32::NEG_INFINITY, 0usize, 0f64);
+        for (i, &x) in row.iter().enumerate() {
+            if x > best {
+                best = x;
+                arg = i;
+            }
+            sum += x as f64;
+        }
+        RowExtrema {
+            argmax: arg as u32,
+            mean: (sum / row.len().max(1) as f64) as f32,
+        }
+    }
+}
 
 /// The head weight `[V, C]` and the final hidden states `[N, C]` it reads.
 pub struct Head<'a> {
@@ -45,7 +75,8 @@ impl Head<'_> {
         );
     }
 
-    /// Per target row: `lse`, `logp` (of `targets[i]`) and `entropy`.
+    /// Per target row: `lse`, `logp` (of `targets[i]`), `entropy`, and the row's [`RowExtrema`]
+    /// (argmax for token accuracy, mean logit for TRL's `logits/*` metrics).
     pub fn forward(
         &self,
         rows: &[usize],
@@ -53,6 +84,7 @@ impl Head<'_> {
         lse: &mut [f32],
         logp: &mut [f32],
         entropy: &mut [f32],
+        extrema: &mut [RowExtrema],
     ) -> Result<()> {
         let (mut h, mut logits) = (Vec::new(), Vec::new());
         let step = self.chunk.max(1);
@@ -64,7 +96,11 @@ impl Head<'_> {
                 logp: &mut logp[span.clone()],
                 entropy: Some(&mut entropy[span.clone()]),
             };
-            forward_cpu(&logits, chunk.len(), self.vocab, &targets[span], out)?;
+            forward_cpu(&logits, chunk.len(), self.vocab, &targets[span.clone()], out)?;
+            extrema[span]
+                .par_iter_mut()
+                .zip(logits.par_chunks(self.vocab))
+                .for_each(|(e, row)| *e = RowExtrema::of(row));
         }
         Ok(())
     }

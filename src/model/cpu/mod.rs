@@ -24,7 +24,7 @@ use super::rope::RopeTable;
 use super::Model;
 use anyhow::{ensure, Result};
 use block::{BlockActs, BlockSpec, Ctx, Scratch};
-use head::Head;
+use head::{Head, RowExtrema};
 use rayon::prelude::*;
 
 /// Saved state of one forward pass: packed-row activations plus the per-token outputs.
@@ -48,10 +48,13 @@ pub struct Forward {
     row_lse: Vec<f32>,
     row_logp: Vec<f32>,
     row_entropy: Vec<f32>,
+    row_extrema: Vec<RowExtrema>,
     /// Padded `[B, T]` views of the same values (0 where there is no target).
     logp: Vec<f32>,
     lse: Vec<f32>,
     entropy: Vec<f32>,
+    argmax: Vec<u32>,
+    logit_mean: Vec<f32>,
 }
 
 impl Forward {
@@ -66,6 +69,16 @@ impl Forward {
     /// Softmax entropy per position with a target, `[B, T]`; 0 elsewhere.
     pub fn entropy(&self) -> &[f32] {
         &self.entropy
+    }
+    /// Argmax of the logits per position with a target, `[B, T]`; 0 elsewhere (mask with the
+    /// targets). `argmax == target` is TRL's `mean_token_accuracy`.
+    pub fn argmax(&self) -> &[u32] {
+        &self.argmax
+    }
+    /// Mean of the logits over the vocabulary per position with a target, `[B, T]`; 0 elsewhere.
+    /// Averaged over completion tokens this is TRL's `logits/chosen` / `logits/rejected`.
+    pub fn logit_mean(&self) -> &[f32] {
+        &self.logit_mean
     }
     /// Batch rows `B`.
     pub fn batch(&self) -> usize {
@@ -126,10 +139,15 @@ impl Forward {
             (&mut self.logp, self.batch * self.seq),
             (&mut self.lse, self.batch * self.seq),
             (&mut self.entropy, self.batch * self.seq),
+            (&mut self.logit_mean, self.batch * self.seq),
         ] {
             v.clear();
             v.resize(len, 0.0);
         }
+        self.row_extrema.clear();
+        self.row_extrema.resize(t, RowExtrema::default());
+        self.argmax.clear();
+        self.argmax.resize(self.batch * self.seq, 0);
     }
 
     fn ctx<'a>(&'a self, cfg: &'a ModelConfig) -> Ctx<'a> {
@@ -162,11 +180,14 @@ impl Model {
             &mut f.row_lse,
             &mut f.row_logp,
             &mut f.row_entropy,
+            &mut f.row_extrema,
         )?;
         for (i, &pi) in p.padded_index.iter().enumerate() {
             f.logp[pi] = f.row_logp[i];
             f.lse[pi] = f.row_lse[i];
             f.entropy[pi] = f.row_entropy[i];
+            f.argmax[pi] = f.row_extrema[i].argmax;
+            f.logit_mean[pi] = f.row_extrema[i].mean;
         }
         Ok(())
     }
