@@ -251,17 +251,19 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - 0.05 * span, hi + 0.05 * span)
 }
 
-/// Tick positions at a 1-2-5 step giving four to seven ticks inside [lo, hi].
+/// Tick positions at the finest 1-2-5 step that leaves at most eight ticks inside [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let raw = (hi - lo) / 6.0;
-    let mag = 10f64.powf(raw.log10().floor());
+    let mag = 10f64.powf(((hi - lo) / 8.0).log10().floor());
+    let range = |step: f64| ((lo / step).ceil() as i64, (hi / step).floor() as i64);
     let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
-        .find(|s| *s >= raw)
+        .find(|&s| {
+            let (a, b) = range(s);
+            b - a < 8
+        })
         .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() as i64;
-    let last = (hi / step).floor() as i64;
+    let (first, last) = range(step);
     (first..=last).map(|k| k as f64 * step).collect()
 }
 
