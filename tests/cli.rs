@@ -191,6 +191,8 @@ fn bad_inputs_fail_with_one_clear_line() {
         &model,
         "--data",
         &path(&bad),
+        "--max-length",
+        "256",
         "--output",
         &path(&out_file),
     ]);
@@ -202,7 +204,17 @@ fn bad_inputs_fail_with_one_clear_line() {
     assert_clean_error(&out, "no-such-model");
 
     let sft = path(&f.join("e2e/sft_input.jsonl"));
-    let out = irbridge(&["eval", "--policy", &model, "--ref", &model, "--data", &sft]);
+    let out = irbridge(&[
+        "eval",
+        "--policy",
+        &model,
+        "--ref",
+        &model,
+        "--data",
+        &sft,
+        "--max-length",
+        "256",
+    ]);
     assert_clean_error(&out, "preference rows");
 
     let dpo = path(&f.join("e2e/dpo_input.jsonl"));
@@ -219,4 +231,14 @@ fn bad_inputs_fail_with_one_clear_line() {
     ]);
     assert_clean_error(&out, "nope");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A max length beyond GPT-2's learned positions is refused before any scoring, naming the flag
+/// and the limit (the default 1024 exceeds tiny-gpt2's 256).
+#[test]
+fn max_length_beyond_learned_positions_names_the_flag() {
+    let model = common::fixtures().join("models/tiny-gpt2");
+    let data = common::fixtures().join("e2e/dpo_input.jsonl");
+    let out = irbridge(&["logps", "--model", &path(&model), "--data", &path(&data)]);
+    assert_clean_error(&out, "pass --max-length 256 or less");
 }

@@ -89,6 +89,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(&args.policy)?;
     let policy = Model::load(&args.policy)?;
     let reference = Model::load(&args.reference)?;
+    args.common.check_positions(&policy, &args.policy)?;
+    args.common.check_positions(&reference, &args.reference)?;
     let pad = tok.pad_id()?;
     let Dataset::Dpo(ds) = load_dataset(&args.common.data, &tok, args.common.max_length)? else {
         bail!(

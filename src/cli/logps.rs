@@ -31,6 +31,7 @@ pub fn run(args: LogpsArgs) -> Result<()> {
     args.common.check_device()?;
     let tok = Tokenizer::from_dir(&args.model)?;
     let model = Model::load(&args.model)?;
+    args.common.check_positions(&model, &args.model)?;
     let pad = tok.pad_id()?;
     let ds = load_dataset(&args.common.data, &tok, args.common.max_length)?;
     let mut lines: Vec<Value> = Vec::new();

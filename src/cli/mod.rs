@@ -36,6 +36,22 @@ impl ModelArgs {
             d => bail!("--device {d}: scoring runs on the CPU engine only in this build; use --device cpu"),
         }
     }
+
+    /// A GPT-2-style model cannot score rows longer than its learned positions: say so before
+    /// any work, with the flag that fixes it, rather than failing on the first long row.
+    fn check_positions(&self, model: &irbridge::model::Model, dir: &Path) -> Result<()> {
+        let cfg = model.config();
+        if cfg.arch == irbridge::model::Arch::Gpt2 && self.max_length > cfg.max_positions {
+            bail!(
+                "--max-length {} exceeds the {} learned positions of {} (n_positions); pass --max-length {} or less",
+                self.max_length,
+                cfg.max_positions,
+                dir.display(),
+                cfg.max_positions
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A tokenised dataset of either kind.
