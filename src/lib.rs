@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod fsutil;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod ops;

@@ -7,7 +7,8 @@
 //! - [`weights`] / [`save`]: safetensors in and out, in the HF layout.
 //! - [`batch`]: right-padded batches and their packed (padding-free) layout.
 //! - [`rope`]: rotary tables.
-//! - [`cpu`]: explicit forward/backward in f32 (no autograd), with the chunked LM head.
+//! - [`cpu`]: explicit forward/backward in f32 (no autograd), with the chunked LM head, and the
+//!   KV-cached incremental forward used for generation ([`KvCache`], [`Model::extend`]).
 //!
 //! The per-layer math (REFERENCE.md §7), per packed token row `x` of width `C`:
 //! - GPT-2 block: `a = LN₁(x)`; `q|k|v = a·W_attn + b`; `x += causal_attn(q,k,v)·W_proj + b`;
@@ -27,7 +28,7 @@ pub mod weights;
 
 pub use batch::{Batch, Packing};
 pub use config::{Arch, ModelConfig};
-pub use cpu::Forward;
+pub use cpu::{Forward, KvCache};
 pub use params::{Grads, Layout, ParamPlan, ParamSpec, Tensors};
 
 use anyhow::{ensure, Result};

@@ -154,3 +154,52 @@ pub fn backward(
             }
         });
 }
+
+/// Where each new row of an incremental (KV-cached) forward sits: its cache slot range.
+///
+/// Row `r` is the token at position `pos[r]` of sequence `seq[r]`; its keys are the cache
+/// entries `seq[r]·cap + lo ..= seq[r]·cap + pos[r]` (`lo` from the sliding window), which the
+/// caller has already written, including those of the same call's earlier rows.
+pub struct CachedRows<'a> {
+    /// Sequence of each new row.
+    pub seq: &'a [usize],
+    /// Position of each new row in its sequence.
+    pub pos: &'a [usize],
+    /// Cache slots per sequence.
+    pub cap: usize,
+}
+
+/// The decode-time twin of [`forward`]: `out[r, h]` attends over the cached keys/values of its
+/// own sequence instead of over packed rows. Same numerics (f32 scores, max-subtracted softmax,
+/// one division at the end), so a cached generation reproduces the full forward's logits.
+pub fn forward_cached(q: &[f32], k_cache: &[f32], v_cache: &[f32], rows: &CachedRows, geo: &Geometry, out: &mut [f32]) {
+    let (h_n, d, kvw) = (geo.heads, geo.head_dim, geo.kv_heads * geo.head_dim);
+    out.par_chunks_mut(h_n * d)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (r, o)| {
+            let (t, base) = (rows.pos[r], rows.seq[r] * rows.cap);
+            let lo = geo.window.map_or(0, |w| (t + 1).saturating_sub(w));
+            for h in 0..h_n {
+                let g = h / geo.group();
+                let qh = &q[r * h_n * d + h * d..][..d];
+                scores.clear();
+                scores.extend((lo..=t).map(|j| geo.scale * dot(qh, &k_cache[(base + j) * kvw + g * d..][..d])));
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - m).exp();
+                    sum += *s;
+                }
+                let oh = &mut o[h * d..(h + 1) * d];
+                oh.fill(0.0);
+                for (p, j) in scores.iter().zip(lo..=t) {
+                    let vj = &v_cache[(base + j) * kvw + g * d..][..d];
+                    for (a, &b) in oh.iter_mut().zip(vj) {
+                        *a += p * b;
+                    }
+                }
+                let inv = 1.0 / sum;
+                oh.iter_mut().for_each(|a| *a *= inv);
+            }
+        });
+}

@@ -334,6 +334,57 @@ impl Ctx<'_> {
 
 /// `x_out = block(x_in)` over `n` packed rows, saving what the backward needs in `a`.
 pub fn forward(ctx: &Ctx, spec: &BlockSpec, p: &Tensors, x_in: &[f32], a: &mut BlockActs, x_out: &mut [f32]) {
+    forward_with(ctx, spec, p, x_in, a, x_out, |a| {
+        attention::forward(&a.q, &a.k, &a.v, &ctx.geometry(spec), &mut a.att, &mut a.att_lse)
+    });
+}
+
+/// One layer's key/value cache for incremental decoding: `[B, cap, KvH·d]` each, slot
+/// `b·cap + t` holding the rotated key and the value of token `t` of sequence `b`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    /// Keys (after rotary).
+    pub k: Vec<f32>,
+    /// Values.
+    pub v: Vec<f32>,
+}
+
+/// `x_out = block(x_in)` for new rows of already-started sequences: the rows' keys and values are
+/// written into `cache` at their slots, then each row attends over its sequence's cache. `ctx.pos`
+/// holds the rows' positions (for rotary); `a` is scratch sized by [`BlockActs::plan`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached(
+    ctx: &Ctx,
+    spec: &BlockSpec,
+    p: &Tensors,
+    x_in: &[f32],
+    rows: &attention::CachedRows,
+    cache: &mut LayerCache,
+    a: &mut BlockActs,
+    x_out: &mut [f32],
+) {
+    let kvd = ctx.cfg.num_kv_heads * ctx.cfg.head_dim;
+    forward_with(ctx, spec, p, x_in, a, x_out, |a| {
+        for (r, (&b, &t)) in rows.seq.iter().zip(rows.pos).enumerate() {
+            let slot = (b * rows.cap + t) * kvd;
+            cache.k[slot..slot + kvd].copy_from_slice(&a.k[r * kvd..(r + 1) * kvd]);
+            cache.v[slot..slot + kvd].copy_from_slice(&a.v[r * kvd..(r + 1) * kvd]);
+        }
+        attention::forward_cached(&a.q, &cache.k, &cache.v, rows, &ctx.geometry(spec), &mut a.att)
+    });
+}
+
+/// The block with the attention step supplied by the caller: it reads `a.q`/`a.k`/`a.v`
+/// (rotated) and writes `a.att`. Everything else is shared by the training and decoding paths.
+fn forward_with(
+    ctx: &Ctx,
+    spec: &BlockSpec,
+    p: &Tensors,
+    x_in: &[f32],
+    a: &mut BlockActs,
+    x_out: &mut [f32],
+    attend: impl FnOnce(&mut BlockActs),
+) {
     let n = ctx.pos.len();
     let (hq, hkv) = (ctx.cfg.num_heads, ctx.cfg.num_kv_heads);
     ctx.norm_forward(spec, p, spec.norm1, x_in, &mut a.n1);
@@ -344,7 +395,7 @@ pub fn forward(ctx: &Ctx, spec: &BlockSpec, p: &Tensors, x_in: &[f32], a: &mut B
         ctx.rotate(&mut a.q, hq, false);
         ctx.rotate(&mut a.k, hkv, false);
     }
-    attention::forward(&a.q, &a.k, &a.v, &ctx.geometry(spec), &mut a.att, &mut a.att_lse);
+    attend(a);
     spec.o.forward(p, &a.att, n, &mut a.x_mid);
     add_into(&mut a.x_mid, x_in);
     ctx.norm_forward(spec, p, spec.norm2, &a.x_mid, &mut a.n2);

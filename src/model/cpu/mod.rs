@@ -12,6 +12,7 @@
 mod act;
 mod attention;
 mod block;
+mod decode;
 mod head;
 mod matmul;
 mod norm;
@@ -26,6 +27,8 @@ use anyhow::{ensure, Result};
 use block::{BlockActs, BlockSpec, Ctx, Scratch};
 use head::{Head, RowExtrema};
 use rayon::prelude::*;
+
+pub use decode::KvCache;
 
 /// Saved state of one forward pass: packed-row activations plus the per-token outputs.
 ///
