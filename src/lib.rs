@@ -4,6 +4,7 @@
 //! The crate is usable as an embeddable backend: the ops in [`ops`] run on caller-owned buffers
 //! (host slices on the CPU, cudarc device slices on CUDA) without the rest of the engine.
 
+pub mod analyze;
 pub mod data;
 pub mod device;
 pub mod dtype;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod score;
+pub mod study;
 pub mod train;
 
 pub use device::Device;

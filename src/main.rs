@@ -19,6 +19,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The paper's claims as a controlled experiment on a built-in task with a known reward
+    /// (pre-train → SFT at several learning rates and objectives → DPO → evaluation).
+    Demo(cli::demo::DemoArgs),
+    /// Sample continuations of prompts from a checkpoint (KV cache, temperature, top-p).
+    Generate(cli::generate::GenerateArgs),
+    /// Token-level implicit rewards β·(log π − log π_ref) of a model against a reference over a
+    /// dataset, with a chosen-vs-rejected ranking accuracy and an HTML view.
+    Analyze(cli::analyze::AnalyzeArgs),
     /// Show the build's CUDA kernels and the devices this machine offers.
     Info,
     /// Per-sequence completion log-probs of a model over a dataset (one JSON line per row).
@@ -50,6 +58,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo(a) => cli::demo::run(&a),
+        Command::Generate(a) => cli::generate::run(&a),
+        Command::Analyze(a) => cli::analyze::run(&a),
         Command::Info => cli::info::run(),
         Command::Logps(a) => cli::logps::run(a),
         Command::Eval(a) => cli::eval::run(a),

@@ -1,6 +1,9 @@
 //! Subcommand implementations of the `irbridge` binary, one module each. `main.rs` only parses.
 
+pub mod analyze;
+pub mod demo;
 pub mod eval;
+pub mod generate;
 pub mod info;
 pub mod inspect;
 pub mod logps;

@@ -4,6 +4,7 @@
 //! - [`config`]: `config.json` → [`ModelConfig`].
 //! - [`params`]: parameter names/shapes ([`ParamPlan`]) and f32 tensor stores ([`Tensors`],
 //!   [`Grads`]).
+//! - [`init`]: random initialisation from a config alone ([`Model::init_random`]).
 //! - [`weights`] / [`save`]: safetensors in and out, in the HF layout.
 //! - [`batch`]: right-padded batches and their packed (padding-free) layout.
 //! - [`rope`]: rotary tables.
@@ -21,6 +22,7 @@
 pub mod batch;
 pub mod config;
 pub mod cpu;
+pub mod init;
 pub mod params;
 pub mod rope;
 pub mod save;

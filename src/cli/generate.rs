@@ -1,0 +1,146 @@
+//! `irbridge generate`: sample continuations of prompts from any supported checkpoint, with a KV
+//! cache (temperature, top-p, a token budget, a seed).
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use irbridge::data::{ChatTemplate, Message, Tokenizer};
+use irbridge::generate::{generate, SamplingOptions};
+use irbridge::model::Model;
+use irbridge::Device;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// Flags of `irbridge generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A prompt (repeat the flag for several).
+    #[arg(long, required_unless_present = "prompts_file")]
+    prompt: Vec<String>,
+    /// A file with one prompt per line (blank lines skipped), in addition to --prompt.
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    /// Wrap each prompt as a user message in the tokenizer's chat template (with the
+    /// generation prompt), as for an instruction-tuned model.
+    #[arg(long)]
+    chat: bool,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// Tokens to generate at most per sample.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Softmax temperature (0: greedy).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampling streams.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object per sample (prompt, text, token ids, per-token log-probs).
+    #[arg(long)]
+    json: bool,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+/// The ids generation stops on: the tokenizer's EOS and every `eos_token_id` of `config.json`
+/// and `generation_config.json` (transformers stops on any of them).
+fn stop_ids(dir: &Path, tok: &Tokenizer, model: &Model) -> Vec<u32> {
+    let mut ids: Vec<u32> = tok.eos().map(|e| e.id).into_iter().collect();
+    let from_json = |v: &Value| -> Vec<u32> {
+        match &v["eos_token_id"] {
+            Value::Number(n) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+            Value::Array(a) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            _ => Vec::new(),
+        }
+    };
+    ids.extend(from_json(&model.config().raw));
+    let gen = dir.join("generation_config.json");
+    if let Some(v) = std::fs::read_to_string(gen)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    {
+        ids.extend(from_json(&v));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
+    let mut prompts = a.prompt.clone();
+    if let Some(p) = &a.prompts_file {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        prompts.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    }
+    ensure!(
+        !prompts.is_empty(),
+        "no prompts: give --prompt TEXT or --prompts-file FILE"
+    );
+    Ok(prompts)
+}
+
+/// Runs `irbridge generate`.
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    match a.device.ensure_available()? {
+        Device::Cpu => {}
+        d => bail!("--device {d}: generation runs on the CPU engine only in this build; use --device cpu"),
+    }
+    ensure!(a.num_samples > 0, "--num-samples: must be at least 1");
+    let opts = SamplingOptions {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+    };
+    opts.validate()
+        .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+    let prompts = read_prompts(a)?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let model = Model::load(&a.model)?;
+    let template = if a.chat {
+        Some(ChatTemplate::from_tokenizer(&tok).with_context(|| format!("--chat: {}", a.model.display()))?)
+    } else {
+        None
+    };
+    let mut encoded = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = match &template {
+            Some(t) => {
+                let msg = Message {
+                    role: "user".into(),
+                    content: p.clone(),
+                };
+                tok.encode_plain(&t.render(&[msg], true)?)?
+            }
+            None => tok.encode(p)?,
+        };
+        ensure!(!ids.is_empty(), "prompt {}: tokenises to nothing", i + 1);
+        for _ in 0..a.num_samples {
+            encoded.push((i, ids.clone()));
+        }
+    }
+    let ids: Vec<Vec<u32>> = encoded.iter().map(|(_, ids)| ids.clone()).collect();
+    let samples = generate(&model, &ids, &stop_ids(&a.model, &tok, &model), &opts)?;
+    for ((i, _), s) in encoded.iter().zip(&samples) {
+        let text = tok.decode(&s.tokens)?;
+        if a.json {
+            println!(
+                "{}",
+                json!({
+                    "prompt": prompts[*i], "text": text, "token_ids": s.tokens,
+                    "logps": s.logps, "logp": s.logp(), "stopped": s.stopped,
+                })
+            );
+        } else {
+            println!("{}{}", prompts[*i], text);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! Evaluating a policy of the study by sampling from it, where the true reward is known.
+//!
+//! - mean `r*` of samples (temperature 1, no nucleus: the policy's own distribution), and the
+//!   fraction with a grammar error;
+//! - `KL(π ‖ π_base) ≈ mean over samples of log π(y|x) − log π_base(y|x)` (sequence level, the
+//!   Monte-Carlo estimate of the DPO paper's frontier plots; unbiased because y ~ π);
+//! - win rate against another policy: sample `i` of each answers the same prompt, the higher
+//!   `r*` wins, ties count one half;
+//! - the implicit-reward ranking accuracy on held-out pairs ([`crate::analyze::ranking_accuracy`]).
+
+use super::task;
+use crate::data::{read_records, tokenize_dpo, DpoExample, TokenizeOptions, TokenizedSeq, Tokenizer};
+use crate::generate::{generate, SamplingOptions};
+use crate::model::Model;
+use crate::score::{score_pairs, score_sequences, SeqScore};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// Sequences per forward pass when scoring.
+const SCORE_BATCH: usize = 64;
+
+/// What sampling from one policy measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyEval {
+    /// Mean true reward of the samples.
+    pub reward: f64,
+    /// `KL(π ‖ π_base)` estimate (nats per response).
+    pub kl: f64,
+    /// Fraction of samples with at least one grammar error.
+    pub error_rate: f64,
+    /// Mean generated tokens (with `<eos>`).
+    pub tokens: f64,
+    /// `r*` of each sample, in prompt order (for win rates).
+    #[serde(skip)]
+    pub rewards: Vec<f64>,
+}
+
+/// Fraction of prompts where `a`'s sample beats `b`'s under `r*` (ties ½).
+pub fn win_rate(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len()).max(1);
+    let wins: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| match x.partial_cmp(y) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        })
+        .sum();
+    wins / n as f64
+}
+
+/// The fixed parts of an evaluation: the tokenizer, the base model, the prompts, the held-out
+/// pairs and their base scores.
+pub struct Evaluator {
+    tok: Tokenizer,
+    base: Model,
+    topics: Vec<usize>,
+    prompts: Vec<Vec<u32>>,
+    heldout: Vec<DpoExample>,
+    base_pairs: Vec<(SeqScore, SeqScore)>,
+    sampling: SamplingOptions,
+    eos: u32,
+    pad: u32,
+}
+
+impl Evaluator {
+    /// Loads the base model and tokenizer from `base_dir`, the held-out pairs from `heldout`;
+    /// `samples_per_topic` prompts per topic, sampled with `seed`.
+    pub fn new(base_dir: &Path, heldout: &Path, samples_per_topic: usize, seed: u64) -> Result<Self> {
+        let tok = Tokenizer::from_dir(base_dir)?;
+        let base = Model::load(base_dir)?;
+        let eos = tok.eos().context("the study tokenizer has no eos token")?.id;
+        let pad = tok.pad_id()?;
+        let topics: Vec<usize> = (0..samples_per_topic * task::TOPICS.len())
+            .map(|i| i % task::TOPICS.len())
+            .collect();
+        let prompts = topics
+            .iter()
+            .map(|&t| tok.encode(&task::prompt(t)))
+            .collect::<Result<Vec<_>>>()?;
+        let opts = TokenizeOptions {
+            max_length: super::pipeline::MAX_LENGTH,
+            ..Default::default()
+        };
+        let heldout: Vec<DpoExample> = tokenize_dpo(&read_records(heldout)?, &tok, &opts)?
+            .kept()
+            .cloned()
+            .collect();
+        let mut ev = Evaluator {
+            tok,
+            base,
+            topics,
+            prompts,
+            heldout,
+            base_pairs: Vec::new(),
+            sampling: SamplingOptions {
+                temperature: 1.0,
+                top_p: 1.0,
+                max_new_tokens: task::MAX_RESPONSE_TOKENS + 4,
+                seed,
+            },
+            eos,
+            pad,
+        };
+        ev.base_pairs = ev.pair_scores(&ev.base)?;
+        Ok(ev)
+    }
+
+    /// The base model.
+    pub fn base(&self) -> &Model {
+        &self.base
+    }
+
+    /// The held-out pairs.
+    pub fn heldout(&self) -> &[DpoExample] {
+        &self.heldout
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    /// Chosen/rejected completion log-probs of the held-out pairs under `model`.
+    pub fn pair_scores(&self, model: &Model) -> Result<Vec<(SeqScore, SeqScore)>> {
+        let pairs: Vec<&DpoExample> = self.heldout.iter().collect();
+        score_pairs(model, &pairs, self.pad, SCORE_BATCH, &mut |_| {})
+    }
+
+    /// Held-out scores under the base model.
+    pub fn base_pair_scores(&self) -> &[(SeqScore, SeqScore)] {
+        &self.base_pairs
+    }
+
+    /// Samples from `policy` and measures it (KL against the base model).
+    pub fn policy(&self, policy: &Model) -> Result<PolicyEval> {
+        let samples = generate(policy, &self.prompts, &[self.eos], &self.sampling)?;
+        let mut rewards = Vec::with_capacity(samples.len());
+        let (mut errors, mut tokens) = (0usize, 0usize);
+        let mut seqs = Vec::with_capacity(samples.len());
+        for ((s, &topic), prompt) in samples.iter().zip(&self.topics).zip(&self.prompts) {
+            let words: Vec<String> = s
+                .tokens
+                .iter()
+                .map(|&id| self.tok.id_to_token(id).unwrap_or_default())
+                .collect();
+            let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+            let r = task::reward(topic, &refs);
+            rewards.push(r.total);
+            errors += usize::from(r.errors > 0);
+            tokens += s.tokens.len();
+            seqs.push(TokenizedSeq {
+                input_ids: prompt.iter().chain(&s.tokens).copied().collect(),
+                completion_mask: std::iter::repeat_n(0, prompt.len())
+                    .chain(std::iter::repeat_n(1, s.tokens.len()))
+                    .collect(),
+            });
+        }
+        let refs: Vec<&TokenizedSeq> = seqs.iter().collect();
+        let base = score_sequences(&self.base, &refs, self.pad, SCORE_BATCH, &mut |_| {})?;
+        let n = samples.len() as f64;
+        let kl = samples.iter().zip(&base).map(|(s, b)| s.logp() - b.logp).sum::<f64>() / n;
+        Ok(PolicyEval {
+            reward: rewards.iter().sum::<f64>() / n,
+            kl,
+            error_rate: errors as f64 / n,
+            tokens: tokens as f64 / n,
+            rewards,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::win_rate;
+
+    #[test]
+    fn win_rate_counts_ties_half() {
+        assert_eq!(
+            win_rate(&[1.0, 2.0, 3.0, 0.0], &[0.0, 2.0, 4.0, -1.0]),
+            (1.0 + 0.5 + 0.0 + 1.0) / 4.0
+        );
+        assert_eq!(win_rate(&[1.0], &[1.0]), 0.5);
+    }
+}

@@ -1,0 +1,221 @@
+//! The study's results: per seed and arm measurements, the table over seeds (JSON and
+//! Markdown), and the SVG plots (reward vs KL, training curves).
+
+use super::evaluate::PolicyEval;
+use super::StudyConfig;
+use crate::fsutil::write_atomic;
+use crate::plot::{Chart, Series};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One arm of one seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArmResult {
+    /// Seed.
+    pub seed: u64,
+    /// Index into [`StudyConfig::arms`].
+    pub arm: usize,
+    /// The SFT model, sampled.
+    pub sft: PolicyEval,
+    /// The DPO model after it, sampled.
+    pub dpo: PolicyEval,
+    /// Win rate of this arm's DPO model against the default arm's DPO model under `r*`.
+    pub win_rate: f64,
+    /// Held-out ranking accuracy of the SFT model's implicit reward against the base model.
+    pub sft_ranking: f64,
+    /// Held-out ranking accuracy of the DPO model's implicit reward against its SFT reference.
+    pub dpo_ranking: f64,
+    /// The SFT run's folder (metrics, model).
+    pub sft_dir: PathBuf,
+    /// The DPO run's folder.
+    pub dpo_dir: PathBuf,
+}
+
+/// The reference points of one seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedBaseline {
+    /// Seed.
+    pub seed: u64,
+    /// The pre-trained base model, sampled (its KL is 0 by definition).
+    pub base: PolicyEval,
+    /// Mean `r*` of the true base distribution (what the base model imitates).
+    pub base_distribution_reward: f64,
+    /// Mean `r*` of the true expert distribution (what SFT imitates).
+    pub expert_distribution_reward: f64,
+}
+
+/// Everything a study measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct StudyResults {
+    /// The configuration that produced it.
+    pub config: StudyConfig,
+    /// Per seed.
+    pub baselines: Vec<SeedBaseline>,
+    /// Per seed and arm.
+    pub runs: Vec<ArmResult>,
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, var.sqrt())
+}
+
+fn cell(xs: &[f64], digits: usize) -> String {
+    let (m, sd) = mean_sd(xs);
+    if xs.len() < 2 {
+        format!("{m:.digits$}")
+    } else {
+        format!("{m:.digits$} ± {sd:.digits$}")
+    }
+}
+
+impl StudyResults {
+    fn of_arm(&self, arm: usize, f: impl Fn(&ArmResult) -> f64) -> Vec<f64> {
+        self.runs.iter().filter(|r| r.arm == arm).map(f).collect()
+    }
+
+    /// The results table in Markdown: one row per arm, mean ± standard deviation over seeds.
+    pub fn markdown(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let seeds: Vec<String> = c.seeds.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            s,
+            "Seeds: {} ({}). Mean ± sd over seeds; r* = true reward (max 5.5), KL = KL(π‖π_base) in nats per response, \
+             win = DPO model vs the `{}` pipeline's under r*, rank = held-out implicit-reward ranking accuracy.\n",
+            c.seeds.len(),
+            seeds.join(", "),
+            c.arms.first().map(|a| a.label()).unwrap_or_default()
+        );
+        let b: Vec<f64> = self.baselines.iter().map(|b| b.base.reward).collect();
+        let bd: Vec<f64> = self.baselines.iter().map(|b| b.base_distribution_reward).collect();
+        let ed: Vec<f64> = self.baselines.iter().map(|b| b.expert_distribution_reward).collect();
+        let _ = writeln!(
+            s,
+            "Base model r* {} (base distribution {}, expert distribution {}).\n",
+            cell(&b, 3),
+            cell(&bd, 3),
+            cell(&ed, 3)
+        );
+        s.push_str(
+            "| SFT arm | SFT lr | SFT r* | SFT KL | SFT rank (vs base) | DPO r* | DPO KL | DPO errors | DPO win vs default | DPO rank (vs SFT) |\n",
+        );
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        for (i, arm) in c.arms.iter().enumerate() {
+            let g = |f: &dyn Fn(&ArmResult) -> f64, d: usize| cell(&self.of_arm(i, f), d);
+            let _ = writeln!(
+                s,
+                "| {} | {:.2e} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                arm.label(),
+                c.sft.learning_rate * arm.lr_factor,
+                g(&|r| r.sft.reward, 3),
+                g(&|r| r.sft.kl, 2),
+                g(&|r| r.sft_ranking, 3),
+                g(&|r| r.dpo.reward, 3),
+                g(&|r| r.dpo.kl, 2),
+                g(&|r| r.dpo.error_rate, 3),
+                g(&|r| r.win_rate, 3),
+                g(&|r| r.dpo_ranking, 3),
+            );
+        }
+        s
+    }
+
+    /// Reward against KL: one point per run (SFT and DPO models of every arm and seed).
+    fn reward_vs_kl(&self) -> Chart {
+        let mut chart = Chart::new(
+            "True reward vs KL to the base model (one point per run)",
+            "KL(π ‖ π_base), nats per response",
+            "mean r* of samples",
+        );
+        let base: Vec<(f64, f64)> = self.baselines.iter().map(|b| (0.0, b.base.reward)).collect();
+        chart = chart.with(Series::points("base model", base, Vec::new()));
+        for (i, arm) in self.config.arms.iter().enumerate() {
+            for (stage, pick) in [
+                (
+                    "SFT",
+                    (|r: &ArmResult| (r.sft.kl, r.sft.reward)) as fn(&ArmResult) -> (f64, f64),
+                ),
+                ("DPO", |r: &ArmResult| (r.dpo.kl, r.dpo.reward)),
+            ] {
+                let pts: Vec<(f64, f64)> = self.runs.iter().filter(|r| r.arm == i).map(pick).collect();
+                chart = chart.with(Series::points(format!("{stage} {}", arm.label()), pts, Vec::new()));
+            }
+        }
+        chart
+    }
+
+    /// One metric of one stage's `metrics.jsonl` against the step, a line per arm (first seed).
+    fn curves(&self, title: &str, key: &str, dpo: bool) -> Result<Chart> {
+        let mut chart = Chart::new(title, "step", key);
+        let first = self.config.seeds.first().copied();
+        for r in self.runs.iter().filter(|r| Some(r.seed) == first) {
+            let dir = if dpo { &r.dpo_dir } else { &r.sft_dir };
+            let pts = metric_series(&dir.join("metrics.jsonl"), key)?;
+            chart = chart.with(Series::line(self.config.arms[r.arm].label(), pts));
+        }
+        Ok(chart)
+    }
+
+    /// Writes `results.json`, `results.md` and the plots into `dir`; returns the files written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
+            let p = dir.join(name);
+            write_atomic(&p, bytes)?;
+            files.push(p);
+            Ok(())
+        };
+        put("results.json", (serde_json::to_string_pretty(self)? + "\n").as_bytes())?;
+        put("results.md", self.markdown().as_bytes())?;
+        put("reward_vs_kl.svg", self.reward_vs_kl().to_svg().as_bytes())?;
+        for (name, title, key, dpo) in [
+            ("sft_loss.svg", "SFT training loss", "loss", false),
+            ("dpo_loss.svg", "DPO training loss", "loss", true),
+            (
+                "dpo_accuracy.svg",
+                "DPO rewards/accuracies (training pairs)",
+                "rewards/accuracies",
+                true,
+            ),
+        ] {
+            put(name, self.curves(title, key, dpo)?.to_svg().as_bytes())?;
+        }
+        Ok(files)
+    }
+}
+
+/// `(step, value)` of `key` from a `metrics.jsonl` (lines without the key are skipped).
+pub fn metric_series(path: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut pts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
+        if let (Some(step), Some(y)) = (v["step"].as_f64(), v[key].as_f64()) {
+            pts.push((step, y));
+        }
+    }
+    Ok(pts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_spread() {
+        assert_eq!(mean_sd(&[2.0]), (2.0, 0.0));
+        let (m, sd) = mean_sd(&[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12 && (sd - 1.0).abs() < 1e-12);
+        assert_eq!(cell(&[1.0, 3.0], 1), "2.0 ± 1.4");
+    }
+}
