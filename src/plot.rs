@@ -79,7 +79,10 @@ const PALETTE: [&str; 10] = [
 ];
 
 const MARGIN_LEFT: f64 = 70.0;
+/// Room right of the plot area for the legend; widened for long series names.
 const MARGIN_RIGHT: f64 = 170.0;
+/// Legend text width per character at font size 12 (a generous average for sans fonts).
+const LEGEND_CHAR_WIDTH: f64 = 7.0;
 const MARGIN_TOP: f64 = 40.0;
 const MARGIN_BOTTOM: f64 = 55.0;
 
@@ -113,8 +116,14 @@ impl Chart {
             .collect();
         let (x_lo, x_hi) = padded_range(pts.iter().map(|p| p.0));
         let (y_lo, y_hi) = padded_range(pts.iter().map(|p| p.1));
-        let (w, h) = (self.width as f64, self.height as f64);
-        let (pw, ph) = (w - MARGIN_LEFT - MARGIN_RIGHT, h - MARGIN_TOP - MARGIN_BOTTOM);
+        // The plot area keeps its size; a long legend widens the image instead of being cut off.
+        let longest = self.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
+        let right = MARGIN_RIGHT.max(40.0 + LEGEND_CHAR_WIDTH * longest as f64);
+        let (pw, ph) = (
+            self.width as f64 - MARGIN_LEFT - MARGIN_RIGHT,
+            self.height as f64 - MARGIN_TOP - MARGIN_BOTTOM,
+        );
+        let (w, h) = (MARGIN_LEFT + pw + right, self.height as f64);
         let sx = |x: f64| MARGIN_LEFT + (x - x_lo) / (x_hi - x_lo) * pw;
         let sy = |y: f64| MARGIN_TOP + ph - (y - y_lo) / (y_hi - y_lo) * ph;
 

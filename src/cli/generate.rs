@@ -128,8 +128,15 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     }
     let ids: Vec<Vec<u32>> = encoded.iter().map(|(_, ids)| ids.clone()).collect();
     let samples = generate(&model, &ids, &stop_ids(&a.model, &tok, &model), &opts)?;
-    for ((i, _), s) in encoded.iter().zip(&samples) {
-        let text = tok.decode(&s.tokens)?;
+    for ((i, prompt_ids), s) in encoded.iter().zip(&samples) {
+        // Decode prompt + sample and cut the decoded prompt off (as transformers' streamers do),
+        // so word boundaries between the two survive for tokenizers without leading spaces.
+        let joint: Vec<u32> = prompt_ids.iter().chain(&s.tokens).copied().collect();
+        let (full, head) = (tok.decode(&joint)?, tok.decode(prompt_ids)?);
+        let text = match full.strip_prefix(head.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => tok.decode(&s.tokens)?,
+        };
         if a.json {
             println!(
                 "{}",

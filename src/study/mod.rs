@@ -162,11 +162,16 @@ impl StudyConfig {
         Ok(())
     }
 
-    /// The `irbridge demo` default: one seed, four arms, sized to finish in about three minutes
-    /// on two CPU cores.
+    /// The `irbridge demo` default: two seeds, four arms (NLL at the usual learning rate, at ½ and
+    /// ¼ of it, and Jensen–Shannon at the usual one), sized to finish in about three minutes on
+    /// two CPU cores.
     pub fn quick() -> Self {
+        let arm = |loss: &str, f: f64| Arm {
+            sft_loss: loss.into(),
+            lr_factor: f,
+        };
         StudyConfig {
-            seeds: vec![1],
+            seeds: vec![1, 2],
             shape: ModelShape {
                 hidden: 64,
                 layers: 2,
@@ -176,61 +181,55 @@ impl StudyConfig {
             },
             sizes: DataSizes {
                 pretrain: 4096,
-                demos: 128,
+                demos: 512,
                 pairs: 1024,
                 heldout_pairs: 256,
                 pair_expert_fraction: 0.5,
             },
             pretrain: StagePlan {
-                steps: 300,
+                steps: 2000,
                 learning_rate: 3e-3,
                 batch_size: 32,
             },
             sft: StagePlan {
-                steps: 60,
+                steps: 300,
                 learning_rate: 1e-3,
                 batch_size: 16,
             },
             sft_beta: 0.1,
             arms: vec![
-                Arm {
-                    sft_loss: "nll".into(),
-                    lr_factor: 1.0,
-                },
-                Arm {
-                    sft_loss: "nll".into(),
-                    lr_factor: 0.25,
-                },
-                Arm {
-                    sft_loss: "nll".into(),
-                    lr_factor: 0.0625,
-                },
-                Arm {
-                    sft_loss: "jensen_shannon".into(),
-                    lr_factor: 1.0,
-                },
+                arm("nll", 1.0),
+                arm("nll", 0.5),
+                arm("nll", 0.25),
+                arm("jensen_shannon", 1.0),
             ],
             dpo: StagePlan {
-                steps: 60,
-                learning_rate: 2e-4,
-                batch_size: 16,
+                steps: 200,
+                learning_rate: 2e-5,
+                batch_size: 32,
             },
             dpo_beta: 0.1,
             samples_per_topic: 64,
         }
     }
 
-    /// `irbridge demo --full`: three seeds, the learning-rate sweep for NLL and three
-    /// f-divergence objectives.
+    /// `irbridge demo --full`: five seeds; NLL at four learning rates (×1, ½, ¼, ⅛) and every
+    /// other f-divergence objective at two (×1, ¼); twice the samples per evaluation.
     pub fn full() -> Self {
         let mut arms = Vec::new();
-        for f in [1.0, 0.25, 0.0625] {
+        for f in [1.0, 0.5, 0.25, 0.125] {
             arms.push(Arm {
                 sft_loss: "nll".into(),
                 lr_factor: f,
             });
         }
-        for loss in ["pearson_chi2", "squared_hellinger", "jensen_shannon"] {
+        for loss in [
+            "pearson_chi2",
+            "neyman_chi2",
+            "squared_hellinger",
+            "jensen_shannon",
+            "reverse_kl",
+        ] {
             for f in [1.0, 0.25] {
                 arms.push(Arm {
                     sft_loss: loss.into(),
@@ -239,7 +238,7 @@ impl StudyConfig {
             }
         }
         StudyConfig {
-            seeds: vec![1, 2, 3],
+            seeds: vec![1, 2, 3, 4, 5],
             arms,
             samples_per_topic: 128,
             ..Self::quick()

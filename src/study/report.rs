@@ -129,26 +129,24 @@ impl StudyResults {
         s
     }
 
-    /// Reward against KL: one point per run (SFT and DPO models of every arm and seed).
+    /// Reward against KL: one point per model, SFT and DPO of every arm and seed, an arm's points
+    /// in one colour and labelled by stage.
     fn reward_vs_kl(&self) -> Chart {
         let mut chart = Chart::new(
-            "True reward vs KL to the base model (one point per run)",
+            "True reward vs KL to the base model (one point per model)",
             "KL(π ‖ π_base), nats per response",
             "mean r* of samples",
         );
         let base: Vec<(f64, f64)> = self.baselines.iter().map(|b| (0.0, b.base.reward)).collect();
-        chart = chart.with(Series::points("base model", base, Vec::new()));
+        let labels = vec!["base".to_string(); base.len()];
+        chart = chart.with(Series::points("base model", base, labels));
         for (i, arm) in self.config.arms.iter().enumerate() {
-            for (stage, pick) in [
-                (
-                    "SFT",
-                    (|r: &ArmResult| (r.sft.kl, r.sft.reward)) as fn(&ArmResult) -> (f64, f64),
-                ),
-                ("DPO", |r: &ArmResult| (r.dpo.kl, r.dpo.reward)),
-            ] {
-                let pts: Vec<(f64, f64)> = self.runs.iter().filter(|r| r.arm == i).map(pick).collect();
-                chart = chart.with(Series::points(format!("{stage} {}", arm.label()), pts, Vec::new()));
+            let (mut pts, mut labels) = (Vec::new(), Vec::new());
+            for r in self.runs.iter().filter(|r| r.arm == i) {
+                pts.extend([(r.sft.kl, r.sft.reward), (r.dpo.kl, r.dpo.reward)]);
+                labels.extend(["SFT".to_string(), "DPO".to_string()]);
             }
+            chart = chart.with(Series::points(arm.label(), pts, labels));
         }
         chart
     }
