@@ -54,6 +54,41 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// One query head attending over key rows `keys` of `k`/`v` (row stride `kvw`, head offset
+/// `off`): writes `Σ_j softmax_j(scale·q·k_j) v_j` into `oh` and returns the scores' log-sum-exp.
+/// The one softmax both the packed and the cached forward use, so they round alike.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    qh: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: std::ops::Range<usize>,
+    kvw: usize,
+    off: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    oh: &mut [f32],
+) -> f32 {
+    let d = qh.len();
+    scores.clear();
+    scores.extend(keys.clone().map(|j| scale * dot(qh, &k[j * kvw + off..][..d])));
+    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    oh.fill(0.0);
+    for (p, j) in scores.iter().zip(keys) {
+        for (a, &b) in oh.iter_mut().zip(&v[j * kvw + off..][..d]) {
+            *a += p * b;
+        }
+    }
+    let inv = 1.0 / sum;
+    oh.iter_mut().for_each(|a| *a *= inv);
+    m + sum.ln()
+}
+
 /// `out[n, h] = Σ_j softmax_j(scale·q[n,h]·k[j,g]) v[j,g]` with `g = h / group`;
 /// `lse[n, h]` = log-sum-exp of the scores. `q`, `out`: `[N, H·d]`; `k`, `v`: `[N, KvH·d]`.
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], geo: &Geometry, out: &mut [f32], lse: &mut [f32]) {
@@ -62,29 +97,11 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], geo: &Geometry, out: &mut [f32],
         .zip(lse.par_chunks_mut(h_n))
         .enumerate()
         .for_each_init(Vec::new, |scores, (n, (o, l))| {
-            let keys = geo.keys(n);
             for h in 0..h_n {
-                let g = h / geo.group();
                 let qh = &q[n * h_n * d + h * d..][..d];
-                scores.clear();
-                scores.extend(keys.clone().map(|j| geo.scale * dot(qh, &k[j * kvw + g * d..][..d])));
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - m).exp();
-                    sum += *s;
-                }
+                let off = h / geo.group() * d;
                 let oh = &mut o[h * d..(h + 1) * d];
-                oh.fill(0.0);
-                for (p, j) in scores.iter().zip(keys.clone()) {
-                    let vj = &v[j * kvw + g * d..][..d];
-                    for (a, &b) in oh.iter_mut().zip(vj) {
-                        *a += p * b;
-                    }
-                }
-                let inv = 1.0 / sum;
-                oh.iter_mut().for_each(|a| *a *= inv);
-                l[h] = m + sum.ln();
+                l[h] = attend(qh, k, v, geo.keys(n), kvw, off, geo.scale, scores, oh);
             }
         });
 }
@@ -180,26 +197,20 @@ pub fn forward_cached(q: &[f32], k_cache: &[f32], v_cache: &[f32], rows: &Cached
             let (t, base) = (rows.pos[r], rows.seq[r] * rows.cap);
             let lo = geo.window.map_or(0, |w| (t + 1).saturating_sub(w));
             for h in 0..h_n {
-                let g = h / geo.group();
                 let qh = &q[r * h_n * d + h * d..][..d];
-                scores.clear();
-                scores.extend((lo..=t).map(|j| geo.scale * dot(qh, &k_cache[(base + j) * kvw + g * d..][..d])));
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - m).exp();
-                    sum += *s;
-                }
+                let off = h / geo.group() * d;
                 let oh = &mut o[h * d..(h + 1) * d];
-                oh.fill(0.0);
-                for (p, j) in scores.iter().zip(lo..=t) {
-                    let vj = &v_cache[(base + j) * kvw + g * d..][..d];
-                    for (a, &b) in oh.iter_mut().zip(vj) {
-                        *a += p * b;
-                    }
-                }
-                let inv = 1.0 / sum;
-                oh.iter_mut().for_each(|a| *a *= inv);
+                attend(
+                    qh,
+                    k_cache,
+                    v_cache,
+                    base + lo..base + t + 1,
+                    kvw,
+                    off,
+                    geo.scale,
+                    scores,
+                    oh,
+                );
             }
         });
 }
