@@ -201,6 +201,12 @@ impl Blas {
         );
         let alpha = 1f32;
         let beta = if accumulate { 1f32 } else { 0f32 };
+        // cuBLAS runs in the calling thread's current context; tests and callers may use the
+        // model from several threads.
+        self.dev
+            .context()
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
         let stream = self.dev.stream();
         let (pa, _ra) = a.device_ptr(stream);
         let (pb, _rb) = b.device_ptr(stream);
