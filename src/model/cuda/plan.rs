@@ -151,8 +151,13 @@ impl ActivationBytes {
         }
     }
 
-    /// Fails with a plain message when `need` bytes are more than the device has free.
+    /// Fails with a plain message when `need` bytes are more than the device has free. The
+    /// stream is synchronised first: buffers freed asynchronously go back to the driver at a
+    /// synchronisation, and would otherwise not count as free yet.
     pub fn ensure_fits(dev: &CudaDevice, need: usize, what: &str) -> Result<()> {
+        dev.stream()
+            .synchronize()
+            .context("synchronising before the memory check")?;
         let (free, _total) = dev.context().mem_get_info().context("querying free GPU memory")?;
         anyhow::ensure!(
             need <= free,
