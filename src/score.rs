@@ -5,8 +5,9 @@
 //! precompute reference log-probs.
 
 use crate::data::{Batch as DataBatch, DpoExample, TokenizedSeq};
-use crate::model::{Batch, Model};
+use crate::model::Batch;
 use crate::ops::prefloss::{self, BatchMetrics, PairInputs, PairOutputs, PrefLossConfig};
+use crate::train::{Engine, TokenOutputs};
 use anyhow::{ensure, Context, Result};
 
 /// Default number of sequences per forward pass when scoring.
@@ -27,10 +28,10 @@ pub fn model_batch(b: &DataBatch) -> Result<Batch> {
     Batch::new(&ids, b.batch_size, b.seq_len, &b.lengths, &b.targets)
 }
 
-/// Scores `seqs` in micro-batches of `batch_size`, calling `progress(done)` after each one.
-/// Results are in input order.
-pub fn score_sequences(
-    model: &Model,
+/// Scores `seqs` in micro-batches of `batch_size` on any [`Engine`] (the CPU one, or a GPU's),
+/// calling `progress(done)` after each one. Results are in input order.
+pub fn score_sequences<E: Engine>(
+    engine: &mut E,
     seqs: &[&TokenizedSeq],
     pad_id: u32,
     batch_size: usize,
@@ -41,8 +42,11 @@ pub fn score_sequences(
     for chunk in seqs.chunks(batch_size) {
         let data = DataBatch::from_seqs(chunk, pad_id)?;
         let batch = model_batch(&data)?;
-        let fwd = model.forward(&batch).context("forward pass while scoring")?;
-        for (logp, &tokens) in fwd.sequence_logps().into_iter().zip(&data.n_targets) {
+        let fwd = engine.forward(&batch).context("forward pass while scoring")?;
+        let t = fwd.seq();
+        for (b, &tokens) in data.n_targets.iter().enumerate() {
+            // Positions without a target hold 0, so the row sum is the completion sum.
+            let logp = fwd.logp()[b * t..(b + 1) * t].iter().map(|&x| x as f64).sum();
             out.push(SeqScore { logp, tokens });
         }
         progress(out.len());
@@ -51,15 +55,15 @@ pub fn score_sequences(
 }
 
 /// Chosen and rejected scores of each pair, in input order.
-pub fn score_pairs(
-    model: &Model,
+pub fn score_pairs<E: Engine>(
+    engine: &mut E,
     pairs: &[&DpoExample],
     pad_id: u32,
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<(SeqScore, SeqScore)>> {
     let seqs: Vec<&TokenizedSeq> = pairs.iter().flat_map(|p| [&p.chosen.seq, &p.rejected.seq]).collect();
-    let scores = score_sequences(model, &seqs, pad_id, batch_size, &mut |n| progress(n / 2))?;
+    let scores = score_sequences(engine, &seqs, pad_id, batch_size, &mut |n| progress(n / 2))?;
     Ok(scores.chunks_exact(2).map(|c| (c[0], c[1])).collect())
 }
 

@@ -7,7 +7,7 @@ mod common;
 use half::bf16;
 use irbridge::dtype::Elem;
 use irbridge::ops::support::GpuElem;
-use irbridge::ops::{activation as act, adamw, attention as attn, embedding as emb, norm, rotary};
+use irbridge::ops::{activation as act, adamw, attention as attn, embedding as emb, norm, rotary, rows};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -657,6 +657,40 @@ fn global_norm_and_scale() {
     assert_eq!(x, vec![0.75, -1.0]);
 }
 
+// ---------------------------------------------------------------- row gather / scatter / argmax
+
+#[test]
+fn rows_gather_scatter_and_argmax_mean() {
+    let c = 3;
+    let src: Vec<f32> = (0..5 * c).map(|i| i as f32).collect();
+    let idx = [4u32, 0, 2];
+    let mut g = vec![0f32; idx.len() * c];
+    rows::gather_cpu(&src, &idx, c, &mut g).unwrap();
+    assert_eq!(g, vec![12.0, 13.0, 14.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0]);
+    let mut back = vec![-1f32; 5 * c];
+    rows::scatter_cpu(&g, &idx, c, &mut back).unwrap();
+    for r in 0..5 {
+        let want: Vec<f32> = if idx.contains(&(r as u32)) {
+            src[r * c..(r + 1) * c].to_vec()
+        } else {
+            vec![-1.0; c]
+        };
+        assert_eq!(&back[r * c..(r + 1) * c], want.as_slice(), "row {r}");
+    }
+    let err = rows::scatter_cpu(&g, &[1, 3, 1], c, &mut back).unwrap_err();
+    assert!(err.to_string().contains("repeats"), "{err}");
+    let err = rows::gather_cpu(&src, &[5], c, &mut g[..c]).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    // First maximum wins ties; NaN never wins; a row of −inf gives 0; mean in f64.
+    let ninf = f32::NEG_INFINITY;
+    let logits = [1.0, 3.0, 3.0, -2.0, f32::NAN, 0.5, 0.25, 0.5, ninf, ninf, ninf, ninf];
+    let (mut am, mut mean) = ([9u32; 3], [0f32; 3]);
+    rows::argmax_mean_cpu(&logits, 4, &mut am, &mut mean).unwrap();
+    assert_eq!(am, [1, 1, 0]);
+    assert_eq!(mean[0], 1.25);
+    assert!(mean[1].is_nan() && mean[2] == ninf);
+}
+
 // ---------------------------------------------------------------- CUDA vs CPU
 
 mod gpu {
@@ -1171,6 +1205,53 @@ fn gpu_activation_matches_cpu() {
     };
     gpu_activation::<f32>(&dev);
     gpu_activation::<bf16>(&dev);
+}
+
+fn gpu_rows<T: GpuElem>(dev: &irbridge::device::CudaDevice) {
+    let mut rng = StdRng::seed_from_u64(26);
+    let (n, c, v) = (50, 67, 1003);
+    let src: Vec<T> = gpu::cast(&randn(&mut rng, n * c, 1.0));
+    let idx: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 1).rev().collect();
+    let (srcd, idxd) = (gpu::up(dev, &src), gpu::up(dev, &idx));
+    let mut g = vec![T::default(); idx.len() * c];
+    rows::gather_cpu(&src, &idx, c, &mut g).unwrap();
+    let mut gd = dev.stream().alloc_zeros::<T>(g.len()).unwrap();
+    rows::gather_cuda(dev, &srcd.as_view(), &idxd.as_view(), c, &mut gd.as_view_mut()).unwrap();
+    assert_eq!(to64(&gpu::down(dev, &gd)), to64(&g), "gather {}", T::NAME);
+    let mut back = vec![T::default(); n * c];
+    rows::scatter_cpu(&g, &idx, c, &mut back).unwrap();
+    let mut backd = dev.stream().alloc_zeros::<T>(n * c).unwrap();
+    rows::scatter_cuda(dev, &gd.as_view(), &idxd.as_view(), c, &mut backd.as_view_mut()).unwrap();
+    assert_eq!(to64(&gpu::down(dev, &backd)), to64(&back), "scatter {}", T::NAME);
+    // Argmax/mean with planted ties (first index must win) and a −inf row.
+    let mut logits: Vec<f32> = randn(&mut rng, 7 * v, 3.0);
+    logits[v + 10] = 50.0;
+    logits[v + 900] = 50.0;
+    logits[5 * v..6 * v].fill(f32::NEG_INFINITY);
+    let lt: Vec<T> = gpu::cast(&logits);
+    let (mut am, mut mean) = (vec![0u32; 7], vec![0f32; 7]);
+    rows::argmax_mean_cpu(&lt, v, &mut am, &mut mean).unwrap();
+    let ltd = gpu::up(dev, &lt);
+    let (mut amd, mut meand) = (
+        dev.stream().alloc_zeros::<u32>(7).unwrap(),
+        dev.stream().alloc_zeros::<f32>(7).unwrap(),
+    );
+    rows::argmax_mean_cuda(dev, &ltd.as_view(), v, &mut amd.as_view_mut(), &mut meand.as_view_mut()).unwrap();
+    assert_eq!(gpu::down(dev, &amd), am, "argmax {}", T::NAME);
+    assert_eq!(am[1], 10);
+    let got: Vec<f64> = gpu::down(dev, &meand).iter().map(|&x| x as f64).collect();
+    let want: Vec<f64> = mean.iter().map(|&x| x as f64).collect();
+    assert_eq!(got[5], f64::NEG_INFINITY);
+    common::assert_close(&format!("mean logit {}", T::NAME), &got[..5], &want[..5], 1e-6, 1e-7);
+}
+
+#[test]
+fn gpu_rows_match_cpu() {
+    let Some(dev) = gpu::device("gpu_rows_match_cpu") else {
+        return;
+    };
+    gpu_rows::<f32>(&dev);
+    gpu_rows::<bf16>(&dev);
 }
 
 #[test]

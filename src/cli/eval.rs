@@ -2,13 +2,14 @@
 //! reference over a whole file, printed as one JSON object (mean over pairs, as a step loss).
 
 use super::progress::Progress;
-use super::{load_dataset, Dataset, ModelArgs};
+use super::{load_dataset, Dataset, EngineFn, ModelArgs};
 use anyhow::{bail, Result};
 use clap::Args;
-use irbridge::data::Tokenizer;
+use irbridge::data::{DpoExample, Tokenizer};
 use irbridge::model::Model;
 use irbridge::ops::prefloss::{FDivergence, LossType, PrefLossConfig};
-use irbridge::score::{preference_metrics, score_pairs, DEFAULT_SCORE_BATCH};
+use irbridge::score::{preference_metrics, score_pairs, SeqScore, DEFAULT_SCORE_BATCH};
+use irbridge::train::Engine;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
@@ -76,9 +77,23 @@ pub fn pref_config(
     Ok(cfg)
 }
 
+/// Chosen/rejected scores of the kept pairs on whichever engine, with a progress bar.
+struct Pairs<'a> {
+    kept: &'a [&'a DpoExample],
+    pad: u32,
+    label: &'static str,
+}
+
+impl EngineFn<Vec<(SeqScore, SeqScore)>> for Pairs<'_> {
+    fn call<E: Engine>(self, engine: &mut E) -> Result<Vec<(SeqScore, SeqScore)>> {
+        let mut bar = Progress::new(self.label, self.kept.len());
+        score_pairs(engine, self.kept, self.pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))
+    }
+}
+
 /// Runs `irbridge eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    args.common.check_device()?;
+    let device = args.common.check_device()?;
     let cfg = pref_config(
         args.beta,
         &args.loss_type,
@@ -106,10 +121,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ds.report
         );
     }
-    let mut bar = Progress::new("eval policy", kept.len());
-    let pol = score_pairs(&policy, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
-    let mut bar = Progress::new("eval reference", kept.len());
-    let refs = score_pairs(&reference, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+    // One model on the device at a time: the policy is scored and dropped before the reference.
+    let score = |label, model| {
+        let pairs = Pairs {
+            kept: &kept,
+            pad,
+            label,
+        };
+        args.common.with_engine(device, model, pairs)
+    };
+    let pol = score("eval policy", policy)?;
+    let refs = score("eval reference", reference)?;
     let (_, metrics) = preference_metrics(&cfg, &pol, &refs)?;
     eprintln!("{}", ds.report);
     let mut out = Map::new();

@@ -3,12 +3,13 @@
 //! truncation).
 
 use super::progress::Progress;
-use super::{load_dataset, Dataset, ModelArgs};
+use super::{load_dataset, Dataset, EngineFn, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use irbridge::data::Tokenizer;
 use irbridge::model::Model;
 use irbridge::score::{score_pairs, score_sequences, DEFAULT_SCORE_BATCH};
+use irbridge::train::Engine;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,50 +29,13 @@ pub struct LogpsArgs {
 
 /// Runs `irbridge logps`.
 pub fn run(args: LogpsArgs) -> Result<()> {
-    args.common.check_device()?;
+    let device = args.common.check_device()?;
     let tok = Tokenizer::from_dir(&args.model)?;
     let model = Model::load(&args.model)?;
     args.common.check_positions(&model, &args.model)?;
     let pad = tok.pad_id()?;
     let ds = load_dataset(&args.common.data, &tok, args.common.max_length)?;
-    let mut lines: Vec<Value> = Vec::new();
-    match &ds {
-        Dataset::Sft(d) => {
-            let kept: Vec<_> = d.kept().collect();
-            let seqs: Vec<_> = kept.iter().map(|e| &e.info.seq).collect();
-            let mut bar = Progress::new("logps", seqs.len());
-            let scores = score_sequences(&model, &seqs, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
-            let mut it = scores.into_iter();
-            for ex in &d.examples {
-                lines.push(match ex.dropped {
-                    Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
-                    None => {
-                        let s = it.next().context("internal: fewer scores than kept rows")?;
-                        json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens})
-                    }
-                });
-            }
-        }
-        Dataset::Dpo(d) => {
-            let kept: Vec<_> = d.kept().collect();
-            let mut bar = Progress::new("logps (pairs)", kept.len());
-            let scores = score_pairs(&model, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
-            let mut it = scores.into_iter();
-            for ex in &d.examples {
-                lines.push(match ex.dropped {
-                    Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
-                    None => {
-                        let (c, r) = it.next().context("internal: fewer scores than kept pairs")?;
-                        json!({
-                            "source": ex.source,
-                            "chosen_logps": c.logp, "rejected_logps": r.logp,
-                            "chosen_tokens": c.tokens, "rejected_tokens": r.tokens,
-                        })
-                    }
-                });
-            }
-        }
-    }
+    let lines = args.common.with_engine(device, model, Lines { ds: &ds, pad })?;
     eprintln!("{}", ds.report());
     let mut text = String::new();
     for l in &lines {
@@ -83,4 +47,55 @@ pub fn run(args: LogpsArgs) -> Result<()> {
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
     Ok(())
+}
+
+/// One JSON line per input row (dropped rows say why), scored on whichever engine.
+struct Lines<'a> {
+    ds: &'a Dataset,
+    pad: u32,
+}
+
+impl EngineFn<Vec<Value>> for Lines<'_> {
+    fn call<E: Engine>(self, engine: &mut E) -> Result<Vec<Value>> {
+        let pad = self.pad;
+        let mut lines: Vec<Value> = Vec::new();
+        match self.ds {
+            Dataset::Sft(d) => {
+                let kept: Vec<_> = d.kept().collect();
+                let seqs: Vec<_> = kept.iter().map(|e| &e.info.seq).collect();
+                let mut bar = Progress::new("logps", seqs.len());
+                let scores = score_sequences(engine, &seqs, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+                let mut it = scores.into_iter();
+                for ex in &d.examples {
+                    lines.push(match ex.dropped {
+                        Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
+                        None => {
+                            let s = it.next().context("internal: fewer scores than kept rows")?;
+                            json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens})
+                        }
+                    });
+                }
+            }
+            Dataset::Dpo(d) => {
+                let kept: Vec<_> = d.kept().collect();
+                let mut bar = Progress::new("logps (pairs)", kept.len());
+                let scores = score_pairs(engine, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+                let mut it = scores.into_iter();
+                for ex in &d.examples {
+                    lines.push(match ex.dropped {
+                        Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
+                        None => {
+                            let (c, r) = it.next().context("internal: fewer scores than kept pairs")?;
+                            json!({
+                                "source": ex.source,
+                                "chosen_logps": c.logp, "rejected_logps": r.logp,
+                                "chosen_tokens": c.tokens, "rejected_tokens": r.tokens,
+                            })
+                        }
+                    });
+                }
+            }
+        }
+        Ok(lines)
+    }
 }

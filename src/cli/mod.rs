@@ -13,6 +13,9 @@ pub mod train;
 use anyhow::{bail, Result};
 use clap::Args;
 use irbridge::data::{read_records, tokenize_dpo, tokenize_sft, DpoDataset, SftDataset, TokenizeOptions, Tokenizer};
+use irbridge::model::cuda::{CudaModel, Precision};
+use irbridge::model::Model;
+use irbridge::train::{CpuEngine, CudaEngine, Engine};
 use irbridge::Device;
 use std::path::{Path, PathBuf};
 
@@ -28,21 +31,44 @@ pub struct ModelArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activation precision on CUDA: f32 or bf16 (fp32 accumulation either way; CPU: f32 only).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
 }
 
 impl ModelArgs {
-    /// The model engine runs on the CPU; a CUDA request fails plainly instead of silently
-    /// falling back.
-    fn check_device(&self) -> Result<()> {
-        match self.device.ensure_available()? {
-            Device::Cpu => Ok(()),
-            d => bail!("--device {d}: scoring runs on the CPU engine only in this build; use --device cpu"),
+    /// The device to score on. An unusable CUDA device fails here with the reason (no driver,
+    /// no GPU, a build without kernels) instead of silently falling back to the CPU.
+    fn check_device(&self) -> Result<Device> {
+        let d = self
+            .device
+            .ensure_available()
+            .map_err(|e| anyhow::anyhow!("--device {}: {e}", self.device))?;
+        if d == Device::Cpu && self.dtype != Precision::F32 {
+            bail!(
+                "--dtype {}: the CPU engine computes in f32; use --device cuda for bf16",
+                self.dtype
+            );
+        }
+        Ok(d)
+    }
+
+    /// Puts `model` on the device chosen by [`ModelArgs::check_device`] and runs `f` with its
+    /// engine.
+    fn with_engine<R>(&self, device: Device, model: Model, f: impl EngineFn<R>) -> Result<R> {
+        match device {
+            Device::Cpu => f.call(&mut CpuEngine::new(model)),
+            Device::Cuda(n) => {
+                let m = CudaModel::new(&model, n, self.dtype)?;
+                drop(model);
+                f.call(&mut CudaEngine::new(m))
+            }
         }
     }
 
     /// A GPT-2-style model cannot score rows longer than its learned positions: say so before
     /// any work, with the flag that fixes it, rather than failing on the first long row.
-    fn check_positions(&self, model: &irbridge::model::Model, dir: &Path) -> Result<()> {
+    fn check_positions(&self, model: &Model, dir: &Path) -> Result<()> {
         let cfg = model.config();
         if cfg.arch == irbridge::model::Arch::Gpt2 && self.max_length > cfg.max_positions {
             bail!(
@@ -55,6 +81,12 @@ impl ModelArgs {
         }
         Ok(())
     }
+}
+
+/// Work generic over the engine: a closure cannot be generic, so the scoring commands pass this.
+pub trait EngineFn<R> {
+    /// Runs with `engine`.
+    fn call<E: Engine>(self, engine: &mut E) -> Result<R>;
 }
 
 /// A tokenised dataset of either kind.

@@ -98,9 +98,12 @@ pub struct TrainArgs {
     /// Seed of the data order.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// cpu (cuda once the CUDA engine lands).
+    /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// CUDA activation precision: f32 (default) or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Metrics line every N steps.
     #[arg(long)]
     pub logging_steps: Option<u64>,
@@ -160,6 +163,7 @@ impl TrainArgs {
         put("sft_level", s(&self.sft_level));
         put("seed", i(self.seed));
         put("device", s(&self.device));
+        put("dtype", s(&self.dtype));
         put("logging_steps", i(self.logging_steps));
         put("save_steps", i(self.save_steps));
         put("save_total_limit", i(self.save_total_limit));

@@ -29,6 +29,23 @@ pub fn cuda_unavailable_reason(ordinal: usize) -> Option<String> {
     }
 }
 
+/// Why cuBLAS (which the CUDA transformer engine's matrix products need) cannot be loaded, or
+/// `None` when it can. cudarc loads `libcublas` on first use and panics when it is missing, so the
+/// engine asks this first. The library is looked up as `libcublas.so` / `libcublas.so.12` on the
+/// dynamic loader's path (`LD_LIBRARY_PATH`).
+pub fn cublas_unavailable_reason() -> Option<String> {
+    // SAFETY: only probes for the shared library with dlopen.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        None
+    } else {
+        Some(
+            "libcublas (CUDA 12) was not found on the dynamic loader's path; add its directory \
+             (e.g. site-packages/nvidia/cublas/lib) to LD_LIBRARY_PATH"
+                .into(),
+        )
+    }
+}
+
 /// A CUDA GPU: context, the stream every irbridge op launches on, and the kernel-module cache.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,

@@ -7,7 +7,7 @@
 
 mod cuda;
 
-pub use cuda::{cuda_unavailable_reason, CudaDevice};
+pub use cuda::{cublas_unavailable_reason, cuda_unavailable_reason, CudaDevice};
 
 use anyhow::{bail, Result};
 use std::fmt;

@@ -10,6 +10,7 @@
 //! - [`rope`]: rotary tables.
 //! - [`cpu`]: explicit forward/backward in f32 (no autograd), with the chunked LM head, and the
 //!   KV-cached incremental forward used for generation ([`KvCache`], [`Model::extend`]).
+//! - [`cuda`]: the same on a GPU (cuBLAS + the layer kernels), f32 or bf16 activations.
 //!
 //! The per-layer math (REFERENCE.md §7), per packed token row `x` of width `C`:
 //! - GPT-2 block: `a = LN₁(x)`; `q|k|v = a·W_attn + b`; `x += causal_attn(q,k,v)·W_proj + b`;
@@ -22,6 +23,7 @@
 pub mod batch;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod init;
 pub mod params;
 pub mod rope;
@@ -135,31 +137,36 @@ impl Model {
     /// Checks a batch against the model: ids inside the vocabulary, lengths within the learned
     /// positions (GPT-2), targets inside the vocabulary.
     pub fn check_batch(&self, batch: &Batch) -> Result<()> {
-        let v = self.config.vocab_size;
-        for (b, &len) in batch.lengths().iter().enumerate() {
-            for t in 0..len {
-                let id = batch.ids()[b * batch.seq() + t];
-                ensure!(
-                    (id as usize) < v,
-                    "input_ids[{b},{t}] = {id} is outside the vocabulary [0, {v})"
-                );
-            }
-        }
-        if let Some((i, &t)) = batch.targets().iter().enumerate().find(|(_, &t)| t >= v as i64) {
-            anyhow::bail!(
-                "targets[{},{}] = {t} is outside the vocabulary [0, {v})",
-                i / batch.seq(),
-                i % batch.seq()
-            );
-        }
-        if self.config.arch == Arch::Gpt2 {
-            ensure!(
-                batch.max_len() <= self.config.max_positions,
-                "a row has {} tokens but the model has {} learned positions (n_positions)",
-                batch.max_len(),
-                self.config.max_positions
-            );
-        }
-        Ok(())
+        check_batch(&self.config, batch)
     }
+}
+
+/// [`Model::check_batch`] for any engine holding `cfg` (the CUDA engine keeps no host model).
+pub(crate) fn check_batch(cfg: &ModelConfig, batch: &Batch) -> Result<()> {
+    let v = cfg.vocab_size;
+    for (b, &len) in batch.lengths().iter().enumerate() {
+        for t in 0..len {
+            let id = batch.ids()[b * batch.seq() + t];
+            ensure!(
+                (id as usize) < v,
+                "input_ids[{b},{t}] = {id} is outside the vocabulary [0, {v})"
+            );
+        }
+    }
+    if let Some((i, &t)) = batch.targets().iter().enumerate().find(|(_, &t)| t >= v as i64) {
+        anyhow::bail!(
+            "targets[{},{}] = {t} is outside the vocabulary [0, {v})",
+            i / batch.seq(),
+            i % batch.seq()
+        );
+    }
+    if cfg.arch == Arch::Gpt2 {
+        ensure!(
+            batch.max_len() <= cfg.max_positions,
+            "a row has {} tokens but the model has {} learned positions (n_positions)",
+            batch.max_len(),
+            cfg.max_positions
+        );
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ use crate::data::{read_records, tokenize_dpo, DpoExample, TokenizeOptions, Token
 use crate::generate::{generate, SamplingOptions};
 use crate::model::Model;
 use crate::score::{score_pairs, score_sequences, SeqScore};
+use crate::train::CpuEngine;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -55,7 +56,7 @@ pub fn win_rate(a: &[f64], b: &[f64]) -> f64 {
 /// pairs and their base scores.
 pub struct Evaluator {
     tok: Tokenizer,
-    base: Model,
+    base: CpuEngine,
     topics: Vec<usize>,
     prompts: Vec<Vec<u32>>,
     heldout: Vec<DpoExample>,
@@ -70,7 +71,7 @@ impl Evaluator {
     /// `samples_per_topic` prompts per topic, sampled with `seed`.
     pub fn new(base_dir: &Path, heldout: &Path, samples_per_topic: usize, seed: u64) -> Result<Self> {
         let tok = Tokenizer::from_dir(base_dir)?;
-        let base = Model::load(base_dir)?;
+        let mut base = CpuEngine::load(base_dir)?;
         let eos = tok.eos().context("the study tokenizer has no eos token")?.id;
         let pad = tok.pad_id()?;
         let topics: Vec<usize> = (0..samples_per_topic * task::TOPICS.len())
@@ -88,13 +89,15 @@ impl Evaluator {
             .kept()
             .cloned()
             .collect();
-        let mut ev = Evaluator {
+        let pairs: Vec<&DpoExample> = heldout.iter().collect();
+        let base_pairs = score_pairs(&mut base, &pairs, pad, SCORE_BATCH, &mut |_| {})?;
+        Ok(Evaluator {
             tok,
             base,
             topics,
             prompts,
             heldout,
-            base_pairs: Vec::new(),
+            base_pairs,
             sampling: SamplingOptions {
                 temperature: 1.0,
                 top_p: 1.0,
@@ -103,14 +106,12 @@ impl Evaluator {
             },
             eos,
             pad,
-        };
-        ev.base_pairs = ev.pair_scores(&ev.base)?;
-        Ok(ev)
+        })
     }
 
     /// The base model.
     pub fn base(&self) -> &Model {
-        &self.base
+        self.base.model()
     }
 
     /// The held-out pairs.
@@ -124,7 +125,7 @@ impl Evaluator {
     }
 
     /// Chosen/rejected completion log-probs of the held-out pairs under `model`.
-    pub fn pair_scores(&self, model: &Model) -> Result<Vec<(SeqScore, SeqScore)>> {
+    pub fn pair_scores(&self, model: &mut CpuEngine) -> Result<Vec<(SeqScore, SeqScore)>> {
         let pairs: Vec<&DpoExample> = self.heldout.iter().collect();
         score_pairs(model, &pairs, self.pad, SCORE_BATCH, &mut |_| {})
     }
@@ -135,7 +136,7 @@ impl Evaluator {
     }
 
     /// Samples from `policy` and measures it (KL against the base model).
-    pub fn policy(&self, policy: &Model) -> Result<PolicyEval> {
+    pub fn policy(&mut self, policy: &Model) -> Result<PolicyEval> {
         let samples = generate(policy, &self.prompts, &[self.eos], &self.sampling)?;
         let mut rewards = Vec::with_capacity(samples.len());
         let (mut errors, mut tokens) = (0usize, 0usize);
@@ -159,7 +160,7 @@ impl Evaluator {
             });
         }
         let refs: Vec<&TokenizedSeq> = seqs.iter().collect();
-        let base = score_sequences(&self.base, &refs, self.pad, SCORE_BATCH, &mut |_| {})?;
+        let base = score_sequences(&mut self.base, &refs, self.pad, SCORE_BATCH, &mut |_| {})?;
         let n = samples.len() as f64;
         let kl = samples.iter().zip(&base).map(|(s, b)| s.logp() - b.logp).sum::<f64>() / n;
         Ok(PolicyEval {

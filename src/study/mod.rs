@@ -18,6 +18,8 @@ pub mod task;
 
 use crate::analyze::{html_report, ranking_accuracy, token_rewards, RowView};
 use crate::model::Model;
+use crate::train::CpuEngine;
+use crate::Device;
 use anyhow::{ensure, Context, Result};
 use data::{DataSizes, ModelShape};
 use evaluate::{win_rate, Evaluator};
@@ -246,39 +248,40 @@ impl StudyConfig {
     }
 }
 
-/// Runs the study into `out` (one `seed-<s>/` folder per seed), calling `note` at every stage,
-/// and returns what it measured. Also writes `implicit_rewards.html`: the first seed's default
+/// Runs the study into `out` (one `seed-<s>/` folder per seed), training on `device` and
+/// sampling on the CPU, calling `note` at every stage, and returns what it measured. Also writes `implicit_rewards.html`: the first seed's default
 /// SFT model against the base model on held-out pairs, token by token.
-pub fn run(cfg: &StudyConfig, out: &Path, note: &mut dyn FnMut(&str)) -> Result<StudyResults> {
+pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&str)) -> Result<StudyResults> {
     cfg.validate()?;
     let (mut baselines, mut runs) = (Vec::new(), Vec::new());
     for (k, &seed) in cfg.seeds.iter().enumerate() {
         let dir = out.join(format!("seed-{seed}"));
-        let models = pipeline::run_seed(cfg, seed, &dir, note)?;
+        let models = pipeline::run_seed(cfg, seed, device, &dir, note)?;
         note(&format!("seed {seed}: evaluating every model by sampling"));
-        let ev = Evaluator::new(&models.base, &models.files.heldout, cfg.samples_per_topic, seed)?;
+        let mut ev = Evaluator::new(&models.base, &models.files.heldout, cfg.samples_per_topic, seed)?;
         baselines.push(SeedBaseline {
             seed,
-            base: ev.policy(ev.base())?,
+            base: ev.policy(&Model::load(&models.base)?)?,
             base_distribution_reward: task::mean_reward(&task::BASE, seed, DISTRIBUTION_SAMPLES),
             expert_distribution_reward: task::mean_reward(&task::EXPERT, seed, DISTRIBUTION_SAMPLES),
         });
         let first = runs.len();
         for (i, (sft_dir, dpo_dir)) in models.sft.iter().zip(&models.dpo).enumerate() {
-            let sft = Model::load(&final_model(sft_dir))?;
-            let dpo = Model::load(&final_model(dpo_dir))?;
-            let sft_scores = ev.pair_scores(&sft)?;
+            let mut sft = CpuEngine::load(&final_model(sft_dir))?;
+            let mut dpo = CpuEngine::load(&final_model(dpo_dir))?;
+            let sft_scores = ev.pair_scores(&mut sft)?;
+            let dpo_scores = ev.pair_scores(&mut dpo)?;
             if k == 0 && i == 0 {
-                write_reward_page(cfg, &ev, &sft, &out.join("implicit_rewards.html"))?;
+                write_reward_page(cfg, &ev, sft.model(), &out.join("implicit_rewards.html"))?;
             }
             runs.push(ArmResult {
                 seed,
                 arm: i,
-                sft: ev.policy(&sft)?,
-                dpo: ev.policy(&dpo)?,
+                sft: ev.policy(sft.model())?,
+                dpo: ev.policy(dpo.model())?,
                 win_rate: 0.0,
                 sft_ranking: ranking_accuracy(&sft_scores, ev.base_pair_scores())?,
-                dpo_ranking: ranking_accuracy(&ev.pair_scores(&dpo)?, &sft_scores)?,
+                dpo_ranking: ranking_accuracy(&dpo_scores, &sft_scores)?,
                 sft_dir: sft_dir.clone(),
                 dpo_dir: dpo_dir.clone(),
             });

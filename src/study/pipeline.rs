@@ -10,6 +10,7 @@ use super::{StagePlan, StudyConfig};
 use crate::model::save::save_pretrained;
 use crate::model::{Model, ModelConfig};
 use crate::train::{self, Kind, RunOptions, ScheduleKind, TrainConfig};
+use crate::Device;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -49,24 +50,34 @@ fn prepare(cfg: &StudyConfig, seed: u64, dir: &Path) -> Result<(DataFiles, PathB
     Ok((files, init))
 }
 
-/// A training run of the study: the stage's plan with a cosine schedule and 10% warmup, no
-/// intermediate checkpoints, quiet.
-fn stage(kind: Kind, model: &Path, data: &Path, out: &Path, plan: &StagePlan, seed: u64) -> TrainConfig {
-    TrainConfig {
-        model: Some(model.to_path_buf()),
-        data: Some(data.to_path_buf()),
-        output_dir: Some(out.to_path_buf()),
-        learning_rate: Some(plan.learning_rate),
-        per_device_batch_size: plan.batch_size,
-        max_steps: Some(plan.steps),
-        max_length: MAX_LENGTH,
-        lr_scheduler_type: ScheduleKind::Cosine,
-        warmup_ratio: 0.1,
-        save_steps: 0,
-        logging_steps: 5,
-        seed,
-        kind: Some(kind),
-        ..TrainConfig::default()
+/// Where and how one seed's stages run.
+struct Stages<'a> {
+    seed: u64,
+    device: Device,
+    dir: &'a Path,
+}
+
+impl Stages<'_> {
+    /// A training run of the study: the stage's plan with a cosine schedule and 10% warmup, no
+    /// intermediate checkpoints, quiet.
+    fn config(&self, kind: Kind, model: &Path, data: &Path, name: &str, plan: &StagePlan) -> TrainConfig {
+        TrainConfig {
+            model: Some(model.to_path_buf()),
+            data: Some(data.to_path_buf()),
+            output_dir: Some(self.dir.join(name)),
+            learning_rate: Some(plan.learning_rate),
+            per_device_batch_size: plan.batch_size,
+            max_steps: Some(plan.steps),
+            max_length: MAX_LENGTH,
+            lr_scheduler_type: ScheduleKind::Cosine,
+            warmup_ratio: 0.1,
+            save_steps: 0,
+            logging_steps: 5,
+            seed: self.seed,
+            device: self.device.to_string(),
+            kind: Some(kind),
+            ..TrainConfig::default()
+        }
     }
 }
 
@@ -78,36 +89,42 @@ fn train(cfg: TrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// Runs every stage of one seed under `dir`, calling `note` before each.
-pub fn run_seed(cfg: &StudyConfig, seed: u64, dir: &Path, note: &mut dyn FnMut(&str)) -> Result<SeedModels> {
+/// Runs every stage of one seed under `dir` on `device`, calling `note` before each.
+pub fn run_seed(
+    cfg: &StudyConfig,
+    seed: u64,
+    device: Device,
+    dir: &Path,
+    note: &mut dyn FnMut(&str),
+) -> Result<SeedModels> {
     note(&format!("seed {seed}: data and a fresh model"));
     let (files, init) = prepare(cfg, seed, dir)?;
+    let st = Stages { seed, device, dir };
     note(&format!(
         "seed {seed}: pre-training the base model ({} steps)",
         cfg.pretrain.steps
     ));
-    let base_run = dir.join("base");
-    train(stage(Kind::Sft, &init, &files.pretrain, &base_run, &cfg.pretrain, seed))?;
-    let base = final_model(&base_run);
+    train(st.config(Kind::Sft, &init, &files.pretrain, "base", &cfg.pretrain))?;
+    let base = final_model(&dir.join("base"));
     let (mut sft, mut dpo) = (Vec::new(), Vec::new());
     for arm in &cfg.arms {
         note(&format!("seed {seed}: SFT {} → DPO", arm.label()));
-        let sft_run = dir.join(format!("sft-{}", arm.slug()));
+        let (sft_name, dpo_name) = (format!("sft-{}", arm.slug()), format!("dpo-{}", arm.slug()));
         let plan = StagePlan {
             learning_rate: cfg.sft.learning_rate * arm.lr_factor,
             ..cfg.sft
         };
-        let mut c = stage(Kind::Sft, &base, &files.sft, &sft_run, &plan, seed);
+        let mut c = st.config(Kind::Sft, &base, &files.sft, &sft_name, &plan);
         c.sft_loss = Some(arm.sft_loss.clone());
         c.sft_beta = Some(cfg.sft_beta);
         train(c)?;
-        let dpo_run = dir.join(format!("dpo-{}", arm.slug()));
-        let mut c = stage(Kind::Dpo, &final_model(&sft_run), &files.dpo, &dpo_run, &cfg.dpo, seed);
+        let sft_run = dir.join(sft_name);
+        let mut c = st.config(Kind::Dpo, &final_model(&sft_run), &files.dpo, &dpo_name, &cfg.dpo);
         c.beta = Some(cfg.dpo_beta);
         c.precompute_ref_logps = Some(true);
         train(c)?;
         sft.push(sft_run);
-        dpo.push(dpo_run);
+        dpo.push(dir.join(dpo_name));
     }
     Ok(SeedModels {
         seed,

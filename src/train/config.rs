@@ -9,6 +9,7 @@
 //! silently ignored.
 
 use super::schedule::ScheduleKind;
+use crate::model::cuda::Precision;
 use crate::ops::prefloss::{FDivergence, LossType, PrefLossConfig};
 use crate::ops::sftloss::SftDivergence;
 use anyhow::{anyhow, bail, ensure, Result};
@@ -151,8 +152,11 @@ pub struct TrainConfig {
     pub sft_level: Option<SftLevel>,
     /// Seed of the data order and the eval split.
     pub seed: u64,
-    /// `cpu` (or `cuda`, once the CUDA engine exists).
+    /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Activation precision of the CUDA engine: `f32` (default) or `bf16` (fp32 accumulation and
+    /// fp32 master weights either way); the CPU engine is f32 only.
+    pub dtype: String,
     /// Write a metrics line every N optimizer steps.
     pub logging_steps: u64,
     /// Save a checkpoint every N optimizer steps (0: never).
@@ -200,6 +204,7 @@ impl Default for TrainConfig {
             sft_level: None,
             seed: 42,
             device: "cpu".into(),
+            dtype: "f32".into(),
             logging_steps: 10,
             save_steps: 500,
             save_total_limit: None,
@@ -376,9 +381,16 @@ impl TrainConfig {
             );
         }
         match self.device.as_str() {
-            "cpu" => {}
-            d if d == "cuda" || d.starts_with("cuda:") => {}
-            d => bail!("device: unknown device `{d}` (expected cpu or cuda)"),
+            "cpu" => ensure!(
+                self.precision()? == Precision::F32,
+                "dtype: `{}` needs device = \"cuda\" (the CPU engine computes in f32)",
+                self.dtype
+            ),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                d.parse::<crate::Device>().map_err(|e| anyhow!("device: {e}"))?;
+                self.precision()?;
+            }
+            d => bail!("device: unknown device `{d}` (expected cpu, cuda or cuda:N)"),
         }
         match self.kind {
             Some(Kind::Sft) => {
@@ -462,6 +474,11 @@ impl TrainConfig {
             anyhow!("{key}: {msg}")
         })?;
         Ok(cfg)
+    }
+
+    /// The CUDA engine's activation precision (`dtype`).
+    pub fn precision(&self) -> Result<Precision> {
+        self.dtype.parse().map_err(|e: anyhow::Error| anyhow!("dtype: {e}"))
     }
 
     /// The learning rate (resolved).

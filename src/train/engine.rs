@@ -220,48 +220,56 @@ impl Engine for CpuEngine {
                 (&zeros.0, &zeros.1)
             }
         };
-        let bytes = serialize_moments(m, v)?;
-        crate::train::io::write_atomic(path, &bytes)
+        write_moments(path, m, v)
     }
 
     fn load_optimizer(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let st =
-            SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let params = self.model.params();
-        let mut m = Tensors::zeros_like(params);
-        let mut v = Tensors::zeros_like(params);
-        for (prefix, dst) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
-            for i in 0..dst.len() {
-                let spec = dst.specs()[i].clone();
-                let key = format!("{prefix}.{}", spec.name);
-                let t = st
-                    .tensor(&key)
-                    .with_context(|| format!("{}: no tensor {key:?}", path.display()))?;
-                ensure!(
-                    t.dtype() == Dtype::F32 && t.shape() == spec.shape.as_slice(),
-                    "{}: {key} is {:?} {:?}, expected F32 {:?}",
-                    path.display(),
-                    t.dtype(),
-                    t.shape(),
-                    spec.shape
-                );
-                for (x, c) in dst.at_mut(i).iter_mut().zip(t.data().chunks_exact(4)) {
-                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-        }
-        if st.len() != 2 * params.len() {
-            bail!(
-                "{}: {} tensors, expected {} (two moments per parameter)",
-                path.display(),
-                st.len(),
-                2 * params.len()
-            );
-        }
-        self.moments = Some((m, v));
+        self.moments = Some(read_moments(path, self.model.params().specs())?);
         Ok(())
     }
+}
+
+/// Reads the AdamW moments written by [`write_moments`] for parameters `specs`, checking every
+/// name, dtype and shape.
+pub(crate) fn read_moments(path: &Path, specs: &[ParamSpec]) -> Result<(Tensors, Tensors)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut m = Tensors::zeros(specs);
+    let mut v = Tensors::zeros(specs);
+    for (prefix, dst) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+        for (i, spec) in specs.iter().enumerate() {
+            let key = format!("{prefix}.{}", spec.name);
+            let t = st
+                .tensor(&key)
+                .with_context(|| format!("{}: no tensor {key:?}", path.display()))?;
+            ensure!(
+                t.dtype() == Dtype::F32 && t.shape() == spec.shape.as_slice(),
+                "{}: {key} is {:?} {:?}, expected F32 {:?}",
+                path.display(),
+                t.dtype(),
+                t.shape(),
+                spec.shape
+            );
+            for (x, c) in dst.at_mut(i).iter_mut().zip(t.data().chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    if st.len() != 2 * specs.len() {
+        bail!(
+            "{}: {} tensors, expected {} (two moments per parameter)",
+            path.display(),
+            st.len(),
+            2 * specs.len()
+        );
+    }
+    Ok((m, v))
+}
+
+/// Writes AdamW moments as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`, fp32), atomically.
+pub(crate) fn write_moments(path: &Path, m: &Tensors, v: &Tensors) -> Result<()> {
+    let bytes = serialize_moments(m, v)?;
+    crate::train::io::write_atomic(path, &bytes)
 }
 
 fn serialize_moments(m: &Tensors, v: &Tensors) -> Result<Vec<u8>> {

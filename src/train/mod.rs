@@ -1,7 +1,7 @@
 //! Training: the SFT and DPO trainers and everything around them (REFERENCE §2, §3, §5, §6, §9).
 //!
-//! - [`engine`]: the [`Engine`] trait the trainers drive (CPU: [`CpuEngine`]; a CUDA engine
-//!   implements the same trait), AdamW with no decay on 1-D tensors.
+//! - [`engine`]: the [`Engine`] trait the trainers drive (CPU: [`CpuEngine`]), AdamW with no
+//!   decay on 1-D tensors; [`cuda_engine`]: the same trait on a GPU ([`CudaEngine`]).
 //! - [`config`]: [`TrainConfig`] from TOML + flags, validated, written back resolved.
 //! - [`data`]: the one bridge from data batches to model batches, the eval split, the seeded
 //!   order of examples and accumulation windows.
@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_engine;
 pub mod data;
 pub mod dpo;
 pub mod engine;
@@ -29,6 +30,7 @@ pub mod sft;
 pub mod trainer;
 
 pub use config::{Kind, SftLevel, SftObjective, TrainConfig};
+pub use cuda_engine::CudaEngine;
 pub use engine::{decays, CpuEngine, Engine, TokenOutputs};
 pub use run::{run, run_with, Outcome};
 pub use schedule::{Schedule, ScheduleKind};

@@ -4,6 +4,7 @@
 
 use super::checkpoint;
 use super::config::{Kind, TrainConfig};
+use super::cuda_engine::CudaEngine;
 use super::data::split_eval;
 use super::dpo::{cached_reference, ref_cache_key, DpoTask, PairSeqs, RefSource};
 use super::engine::{CpuEngine, Engine};
@@ -11,7 +12,8 @@ use super::sft::SftTask;
 use super::trainer::{self, RunOptions, RunSummary};
 use crate::data::{read_records, tokenize_dpo, tokenize_sft, TokenizeOptions, TokenizeReport, TokenizedSeq, Tokenizer};
 use crate::model::{Arch, ModelConfig};
-use anyhow::{bail, ensure, Context, Result};
+use crate::Device;
+use anyhow::{anyhow, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// A finished run and what tokenisation reported.
@@ -25,13 +27,14 @@ pub struct Outcome {
     pub eval_report: Option<TokenizeReport>,
 }
 
-/// Runs `train sft` or `train dpo` on the configured device.
+/// Runs `train sft` or `train dpo` on the configured device. A CUDA device that cannot be used
+/// (no driver, no GPU, a build without kernels) fails here, before anything is written.
 pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Outcome> {
-    match cfg.device.as_str() {
-        "cpu" => run_with(cfg, opts, &CpuEngine::load),
-        d => bail!(
-            "device: `{d}` is not available yet (the CUDA training engine has not landed in this build); use --device cpu"
-        ),
+    let device: Device = cfg.device.parse().map_err(|e| anyhow!("device: {e}"))?;
+    let precision = cfg.precision()?;
+    match device.ensure_available().map_err(|e| anyhow!("device: {e}"))? {
+        Device::Cpu => run_with(cfg, opts, &CpuEngine::load),
+        Device::Cuda(n) => run_with(cfg, opts, &|dir: &Path| CudaEngine::load(dir, n, precision)),
     }
 }
 
