@@ -6,7 +6,7 @@
 //! model's *untempered* distribution: what a sample-based KL estimate or an implicit-reward
 //! analysis needs, with no second forward pass.
 
-use crate::model::Model;
+use crate::model::{KvCache, Model};
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -72,16 +72,48 @@ impl Sample {
     }
 }
 
+/// What sampling needs from a model on some device: a KV cache, and an incremental forward that
+/// appends tokens to it and hands back the next-token logits on the host.
+pub trait Decoder {
+    /// The per-layer key/value store for a batch of sequences.
+    type Cache;
+    /// Logits per row.
+    fn vocab_size(&self) -> usize;
+    /// An empty cache for `batch` sequences of up to `capacity` tokens each.
+    fn new_cache(&self, batch: usize, capacity: usize) -> Result<Self::Cache>;
+    /// Appends `tokens[b]` to sequence `b` (empty: unchanged); returns `[n, V]` logits, one row
+    /// per sequence that received tokens, predicting the token after its last new one.
+    fn extend(&self, cache: &mut Self::Cache, tokens: &[&[u32]]) -> Result<Vec<f32>>;
+}
+
+impl Decoder for Model {
+    type Cache = KvCache;
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        self.new_kv_cache(batch, capacity)
+    }
+    fn extend(&self, cache: &mut KvCache, tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        Model::extend(self, cache, tokens)
+    }
+}
+
 /// Samples a continuation of every prompt (all at once, one KV cache), stopping each at the first
 /// token in `stop` or after `max_new_tokens`.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], stop: &[u32], opts: &SamplingOptions) -> Result<Vec<Sample>> {
+pub fn generate<D: Decoder>(
+    model: &D,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    opts: &SamplingOptions,
+) -> Result<Vec<Sample>> {
     opts.validate()?;
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         anyhow::bail!("prompt {i} is empty: generation needs at least one token to condition on");
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut cache = model.new_kv_cache(prompts.len(), longest + opts.max_new_tokens)?;
-    let vocab = model.config().vocab_size;
+    let mut cache = model.new_cache(prompts.len(), longest + opts.max_new_tokens)?;
+    let vocab = model.vocab_size();
     let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
         .map(|i| {
             let mut r = ChaCha8Rng::seed_from_u64(opts.seed);
