@@ -4,7 +4,7 @@
 
 use super::checkpoint;
 use super::config::{Kind, TrainConfig};
-use super::data::split_eval;
+use super::data::{split_eval, StepPlan};
 use super::dpo::{cached_reference, ref_cache_key, DpoTask, PairSeqs, RefSource};
 use super::engine::{CpuEngine, Engine};
 use super::sft::SftTask;
@@ -85,6 +85,7 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no training example reaches the loss (see the report)"
             );
+            check_resume(cfg, resume.as_deref(), train.len())?;
             trainer::prepare_output(cfg)?;
             let mut task = match &resume {
                 None => SftTask::new(cfg, train, eval, pad, &mut policy)?,
@@ -113,6 +114,7 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no preference pair reaches the loss (see the report)"
             );
+            check_resume(cfg, resume.as_deref(), train.len())?;
             let ref_dir: PathBuf = cfg.ref_model.clone().unwrap_or_else(|| model_dir.clone());
             trainer::prepare_output(cfg)?;
             let reference = if cfg.precompute_ref_logps.unwrap_or(false) {
@@ -146,6 +148,15 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
             })
         }
     }
+}
+
+/// Validates a resume against the checkpoint before `output_dir` is touched.
+fn check_resume(cfg: &TrainConfig, resume: Option<&Path>, n_train: usize) -> Result<()> {
+    if let Some(dir) = resume {
+        let plan = StepPlan::new(n_train, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.seed)?;
+        trainer::check_resume(cfg, dir, &plan)?;
+    }
+    Ok(())
 }
 
 /// Holds out `eval_fraction` of the kept examples (seeded), keeping both parts in data order.
