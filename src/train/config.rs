@@ -379,6 +379,11 @@ impl TrainConfig {
             !(self.eval_data.is_some() && self.eval_fraction > 0.0),
             "eval_fraction: give eval_data or eval_fraction, not both"
         );
+        ensure!(
+            self.eval_steps == 0 || self.eval_data.is_some() || self.eval_fraction > 0.0,
+            "eval_steps: {} but there is no eval split to evaluate on (give eval_data or eval_fraction)",
+            self.eval_steps
+        );
         ensure!(self.logging_steps > 0, "logging_steps: must be ≥ 1");
         if let Some(l) = self.save_total_limit {
             ensure!(

@@ -85,6 +85,7 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no training example reaches the loss (see the report)"
             );
+            check_eval(cfg, eds.as_ref().map(|e| &e.report), eval.is_empty(), &note)?;
             check_resume(cfg, resume.as_deref(), train.len())?;
             trainer::prepare_output(cfg)?;
             let mut task = match &resume {
@@ -114,6 +115,7 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no preference pair reaches the loss (see the report)"
             );
+            check_eval(cfg, eds.as_ref().map(|e| &e.report), eval.is_empty(), &note)?;
             check_resume(cfg, resume.as_deref(), train.len())?;
             let ref_dir: PathBuf = cfg.ref_model.clone().unwrap_or_else(|| model_dir.clone());
             trainer::prepare_output(cfg)?;
@@ -148,6 +150,22 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
             })
         }
     }
+}
+
+/// Prints the eval file's report, and refuses an eval file of which nothing reaches the loss:
+/// the user asked for evaluation, so a run that silently skips it would mislead.
+fn check_eval(cfg: &TrainConfig, report: Option<&TokenizeReport>, eval_empty: bool, note: &dyn Fn(&str)) -> Result<()> {
+    if let (Some(path), Some(report)) = (cfg.eval_data.as_deref(), report) {
+        note(&format!("eval data {}:\n{report}", path.display()));
+        ensure!(
+            !eval_empty,
+            "eval_data: no example of {} reaches the loss (see the report: {} rows, {} dropped)",
+            path.display(),
+            report.n_rows,
+            report.n_dropped()
+        );
+    }
+    Ok(())
 }
 
 /// Validates a resume against the checkpoint before `output_dir` is touched.
