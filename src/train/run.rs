@@ -64,7 +64,10 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
         }
     };
     let data_path = cfg.data.clone().context("data: required")?;
-    let records = read_records(&data_path)?;
+    let mut records = read_records(&data_path)?;
+    if let Some(n) = cfg.max_samples {
+        records.truncate(n);
+    }
     let eval_records = cfg.eval_data.as_deref().map(read_records).transpose()?;
     let mut policy = load(resume.as_deref().unwrap_or(&model_dir))
         .with_context(|| format!("loading {}", resume.as_deref().unwrap_or(&model_dir).display()))?;
