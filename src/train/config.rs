@@ -253,20 +253,22 @@ impl TrainConfig {
         for (k, v) in overrides {
             table.insert(k, v);
         }
-        let cfg: TrainConfig = toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| {
-            // A value that came from a flag has no line to point at, and toml's message for
-            // it ("unknown variant `x`") does not say which key: find the key whose value
-            // alone fails (every other key has a default, so a one-key table isolates it).
-            let msg = e.message().replace('\n', " ");
-            let culprit = table.iter().find(|(k, v)| {
-                let one = toml::Table::from_iter([((*k).clone(), (*v).clone())]);
-                toml::Value::Table(one).try_into::<TrainConfig>().is_err()
-            });
-            match culprit {
-                Some((k, _)) => anyhow!("{k}: {msg}"),
-                None => anyhow!("{msg}"),
-            }
-        })?;
+        let cfg: TrainConfig = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // A value that came from a flag has no line to point at, and toml's message for
+                // it ("unknown variant `x`") does not say which key: find the key whose value
+                // alone fails (every other key has a default, so a one-key table isolates it).
+                let msg = e.message().replace('\n', " ");
+                let culprit = table.iter().find(|(k, v)| {
+                    let one = toml::Table::from_iter([((*k).clone(), (*v).clone())]);
+                    toml::Value::Table(one).try_into::<TrainConfig>().is_err()
+                });
+                match culprit {
+                    Some((k, _)) => anyhow!("{k}: {msg}"),
+                    None => anyhow!("{msg}"),
+                }
+            })?;
         cfg.resolve(kind)
     }
 

@@ -174,7 +174,12 @@ fn check_eval(cfg: &TrainConfig, report: Option<&TokenizeReport>, eval_empty: bo
 /// Validates a resume against the checkpoint before `output_dir` is touched.
 fn check_resume(cfg: &TrainConfig, resume: Option<&Path>, n_train: usize) -> Result<()> {
     if let Some(dir) = resume {
-        let plan = StepPlan::new(n_train, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.seed)?;
+        let plan = StepPlan::new(
+            n_train,
+            cfg.per_device_batch_size,
+            cfg.gradient_accumulation_steps,
+            cfg.seed,
+        )?;
         trainer::check_resume(cfg, dir, &plan)?;
     }
     Ok(())
