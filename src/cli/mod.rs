@@ -4,6 +4,7 @@ pub mod eval;
 pub mod info;
 pub mod inspect;
 pub mod logps;
+pub mod plot;
 mod progress;
 pub mod train;
 
