@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use irbridge::data::Tokenizer;
 use irbridge::model::Model;
-use irbridge::score::{score_pairs, score_sequences, DEFAULT_SCORE_BATCH};
+use irbridge::score::{score_pairs, score_sequences, token_logps, DEFAULT_SCORE_BATCH};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +24,10 @@ pub struct LogpsArgs {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Also write each row's per-token completion log-probs (`completion_token_logps`, or
+    /// `chosen_token_logps` / `rejected_token_logps` for pairs), in token order.
+    #[arg(long)]
+    per_token: bool,
 }
 
 /// Runs `irbridge logps`.
@@ -41,13 +45,19 @@ pub fn run(args: LogpsArgs) -> Result<()> {
             let seqs: Vec<_> = kept.iter().map(|e| &e.info.seq).collect();
             let mut bar = Progress::new("logps", seqs.len());
             let scores = score_sequences(&model, &seqs, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+            let mut per_token = per_token_of(&args, &model, &seqs, pad)?;
             let mut it = scores.into_iter();
             for ex in &d.examples {
                 lines.push(match ex.dropped {
                     Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
                     None => {
                         let s = it.next().context("internal: fewer scores than kept rows")?;
-                        json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens})
+                        let mut line =
+                            json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens});
+                        if let Some(t) = per_token.next() {
+                            line["completion_token_logps"] = json!(t);
+                        }
+                        line
                     }
                 });
             }
@@ -56,17 +66,24 @@ pub fn run(args: LogpsArgs) -> Result<()> {
             let kept: Vec<_> = d.kept().collect();
             let mut bar = Progress::new("logps (pairs)", kept.len());
             let scores = score_pairs(&model, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+            let sides: Vec<_> = kept.iter().flat_map(|p| [&p.chosen.seq, &p.rejected.seq]).collect();
+            let mut per_token = per_token_of(&args, &model, &sides, pad)?;
             let mut it = scores.into_iter();
             for ex in &d.examples {
                 lines.push(match ex.dropped {
                     Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
                     None => {
                         let (c, r) = it.next().context("internal: fewer scores than kept pairs")?;
-                        json!({
+                        let mut line = json!({
                             "source": ex.source,
                             "chosen_logps": c.logp, "rejected_logps": r.logp,
                             "chosen_tokens": c.tokens, "rejected_tokens": r.tokens,
-                        })
+                        });
+                        if let (Some(tc), Some(tr)) = (per_token.next(), per_token.next()) {
+                            line["chosen_token_logps"] = json!(tc);
+                            line["rejected_token_logps"] = json!(tr);
+                        }
+                        line
                     }
                 });
             }
@@ -83,4 +100,19 @@ pub fn run(args: LogpsArgs) -> Result<()> {
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
     Ok(())
+}
+
+/// The per-token log-probs when `--per-token` asked for them (an empty iterator otherwise).
+fn per_token_of(
+    args: &LogpsArgs,
+    model: &Model,
+    seqs: &[&irbridge::data::TokenizedSeq],
+    pad: u32,
+) -> Result<std::vec::IntoIter<Vec<f32>>> {
+    let v = if args.per_token {
+        token_logps(model, seqs, pad, DEFAULT_SCORE_BATCH)?
+    } else {
+        Vec::new()
+    };
+    Ok(v.into_iter())
 }
