@@ -216,7 +216,7 @@ fn evaluate<E: Engine, T: Task<E>>(
 }
 
 /// Checks that the checkpoint `dir` was written by this same run — same data order and
-/// batching (`plan`), same objective — and returns its state. [`crate::train::run`] calls it
+/// batching (`plan`), same objective — and returns its state. [`crate::train::run()`] calls it
 /// before anything is written to `output_dir`, so a refused resume leaves the folder as it was.
 pub fn check_resume(cfg: &TrainConfig, dir: &Path, plan: &StepPlan) -> Result<TrainerState> {
     let st = checkpoint::load_state(dir)?;
