@@ -38,6 +38,8 @@ enum Command {
     Train(Box<TrainCommand>),
     /// Show how a dataset is tokenised: tokens, loss masks, drop counts.
     InspectData(cli::inspect::InspectArgs),
+    /// Chart keys of one or more metrics.jsonl files against the step, as an SVG.
+    Plot(cli::plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -69,5 +71,6 @@ fn run(cli: Cli) -> Result<()> {
             TrainCommand::Dpo(a) => cli::train::run(Kind::Dpo, &a),
         },
         Command::InspectData(a) => cli::inspect::run(&a),
+        Command::Plot(a) => cli::plot::run(&a),
     }
 }

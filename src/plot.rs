@@ -79,9 +79,10 @@ const PALETTE: [&str; 10] = [
 ];
 
 const MARGIN_LEFT: f64 = 70.0;
-/// Room right of the plot area for the legend; widened for long series names.
+/// The legend column's least width; it grows with the longest legend entry.
 const MARGIN_RIGHT: f64 = 170.0;
-/// Legend text width per character at font size 12 (a generous average for sans fonts).
+/// Legend text width per character at font-size 12 (DejaVu Sans averages about 6.6 px; a little
+/// more so that names with wide letters still fit).
 const LEGEND_CHAR_WIDTH: f64 = 7.0;
 const MARGIN_TOP: f64 = 40.0;
 const MARGIN_BOTTOM: f64 = 55.0;
@@ -116,14 +117,12 @@ impl Chart {
             .collect();
         let (x_lo, x_hi) = padded_range(pts.iter().map(|p| p.0));
         let (y_lo, y_hi) = padded_range(pts.iter().map(|p| p.1));
-        // The plot area keeps its size; a long legend widens the image instead of being cut off.
+        let (w, h) = (self.width as f64, self.height as f64);
+        // Swatch and gap (32 px) plus the text: a long entry such as `eval_rewards/accuracies`
+        // narrows the plot area rather than running off the edge.
         let longest = self.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
-        let right = MARGIN_RIGHT.max(40.0 + LEGEND_CHAR_WIDTH * longest as f64);
-        let (pw, ph) = (
-            self.width as f64 - MARGIN_LEFT - MARGIN_RIGHT,
-            self.height as f64 - MARGIN_TOP - MARGIN_BOTTOM,
-        );
-        let (w, h) = (MARGIN_LEFT + pw + right, self.height as f64);
+        let margin_right = MARGIN_RIGHT.max(32.0 + LEGEND_CHAR_WIDTH * longest as f64).min(w / 2.0);
+        let (pw, ph) = (w - MARGIN_LEFT - margin_right, h - MARGIN_TOP - MARGIN_BOTTOM);
         let sx = |x: f64| MARGIN_LEFT + (x - x_lo) / (x_hi - x_lo) * pw;
         let sy = |y: f64| MARGIN_TOP + ph - (y - y_lo) / (y_hi - y_lo) * ph;
 
@@ -323,6 +322,30 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 1);
         let empty = Chart::new("empty", "x", "y").to_svg();
         assert!(empty.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn legend_column_grows_with_the_longest_entry() {
+        let short = Chart::new("c", "x", "y").with(Series::line("loss", vec![(0.0, 1.0), (1.0, 0.0)]));
+        let long = short
+            .clone()
+            .with(Series::line("eval_rewards/accuracies_of_a_run", vec![(0.0, 1.0)]));
+        let frame_width = |svg: &str| -> f64 {
+            let frame = svg.split("<rect x=\"70\"").nth(1).expect("the plot frame");
+            frame
+                .split("width=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (ws, wl) = (frame_width(&short.to_svg()), frame_width(&long.to_svg()));
+        assert_eq!(ws, 720.0 - 70.0 - 170.0);
+        // 32 px of swatch and gap + 7 px per character of the 32-character entry.
+        assert_eq!(wl, 720.0 - 70.0 - (32.0 + 7.0 * 32.0));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use crate::data::{Batch as DataBatch, DpoExample, TokenizedSeq};
 use crate::model::Batch;
+use crate::ops::logsoftmax::IGNORE_INDEX;
 use crate::ops::prefloss::{self, BatchMetrics, PairInputs, PairOutputs, PrefLossConfig};
 use crate::train::{Engine, TokenOutputs};
 use anyhow::{ensure, Context, Result};
@@ -50,6 +51,36 @@ pub fn score_sequences<E: Engine>(
             out.push(SeqScore { logp, tokens });
         }
         progress(out.len());
+    }
+    Ok(out)
+}
+
+/// Per-token completion log-probs of each sequence, in target order (`log π(y_t | y_<t, x)` for
+/// every trained token, fp32 as the loss sees them), in micro-batches of `batch_size`. For
+/// looking at where a sequence's log-prob comes from, and for checking a saved model against
+/// another framework token by token (`scripts/check_hf_load.py`).
+pub fn token_logps<E: Engine>(
+    engine: &mut E,
+    seqs: &[&TokenizedSeq],
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    ensure!(batch_size > 0, "batch size must be positive");
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size) {
+        let data = DataBatch::from_seqs(chunk, pad_id)?;
+        let fwd = engine
+            .forward(&model_batch(&data)?)
+            .context("forward pass while scoring")?;
+        let t = data.seq_len;
+        for r in 0..data.batch_size {
+            out.push(
+                (0..t)
+                    .filter(|&j| data.targets[r * t + j] != IGNORE_INDEX)
+                    .map(|j| fwd.logp()[r * t + j])
+                    .collect(),
+            );
+        }
     }
     Ok(out)
 }

@@ -242,3 +242,61 @@ fn max_length_beyond_learned_positions_names_the_flag() {
     let out = irbridge(&["logps", "--model", &path(&model), "--data", &path(&data)]);
     assert_clean_error(&out, "pass --max-length 256 or less");
 }
+
+/// `--per-token` adds each row's completion log-probs token by token: as many as the row's
+/// completion tokens, summing to its completion log-prob, on both sides of a pair; without the
+/// flag the lines are unchanged.
+#[test]
+fn logps_per_token_sums_to_the_sequence_logp() {
+    let f = common::fixtures();
+    let model = path(&f.join("models/tiny-gpt2"));
+    for (data, prefixes) in [
+        ("e2e/sft_input.jsonl", &["completion"][..]),
+        ("e2e/dpo_input.jsonl", &["chosen", "rejected"][..]),
+    ] {
+        let data = path(&f.join(data));
+        let plain = lines(&irbridge(&[
+            "logps",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--max-length",
+            "256",
+        ]));
+        let got = lines(&irbridge(&[
+            "logps",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--max-length",
+            "256",
+            "--per-token",
+        ]));
+        assert_eq!(got.len(), plain.len());
+        let mut checked = 0;
+        for (g, p) in got.iter().zip(&plain) {
+            if g.get("dropped").is_some() {
+                assert_eq!(g, p);
+                continue;
+            }
+            for side in prefixes {
+                let toks: Vec<f64> = g[format!("{side}_token_logps")]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert_eq!(toks.len() as u64, g[format!("{side}_tokens")].as_u64().unwrap());
+                let sum: f64 = toks.iter().sum();
+                let want = g[format!("{side}_logps")].as_f64().unwrap();
+                assert!((sum - want).abs() <= 1e-9 * want.abs(), "{side}: {sum} vs {want}");
+                assert_eq!(g[format!("{side}_logps")], p[format!("{side}_logps")]);
+                assert!(p.get(format!("{side}_token_logps")).is_none());
+                checked += 1;
+            }
+        }
+        assert!(checked > 0);
+    }
+}

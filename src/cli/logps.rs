@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use irbridge::data::Tokenizer;
 use irbridge::model::Model;
-use irbridge::score::{score_pairs, score_sequences, DEFAULT_SCORE_BATCH};
+use irbridge::score::{score_pairs, score_sequences, token_logps, DEFAULT_SCORE_BATCH};
 use irbridge::train::Engine;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -25,6 +25,10 @@ pub struct LogpsArgs {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Also write each row's per-token completion log-probs (`completion_token_logps`, or
+    /// `chosen_token_logps` / `rejected_token_logps` for pairs), in token order.
+    #[arg(long)]
+    per_token: bool,
 }
 
 /// Runs `irbridge logps`.
@@ -35,7 +39,16 @@ pub fn run(args: LogpsArgs) -> Result<()> {
     args.common.check_positions(&model, &args.model)?;
     let pad = tok.pad_id()?;
     let ds = load_dataset(&args.common.data, &tok, args.common.max_length)?;
-    let lines = args.common.with_engine(device, model, Lines { ds: &ds, pad })?;
+    let per_token = args.per_token;
+    let lines = args.common.with_engine(
+        device,
+        model,
+        Lines {
+            ds: &ds,
+            pad,
+            per_token,
+        },
+    )?;
     eprintln!("{}", ds.report());
     let mut text = String::new();
     for l in &lines {
@@ -53,6 +66,24 @@ pub fn run(args: LogpsArgs) -> Result<()> {
 struct Lines<'a> {
     ds: &'a Dataset,
     pad: u32,
+    /// Add the per-token log-probs to each line.
+    per_token: bool,
+}
+
+impl Lines<'_> {
+    /// The per-token log-probs when `--per-token` asked for them (an empty iterator otherwise).
+    fn per_token_of<E: Engine>(
+        &self,
+        engine: &mut E,
+        seqs: &[&irbridge::data::TokenizedSeq],
+    ) -> Result<std::vec::IntoIter<Vec<f32>>> {
+        let v = if self.per_token {
+            token_logps(engine, seqs, self.pad, DEFAULT_SCORE_BATCH)?
+        } else {
+            Vec::new()
+        };
+        Ok(v.into_iter())
+    }
 }
 
 impl EngineFn<Vec<Value>> for Lines<'_> {
@@ -65,13 +96,19 @@ impl EngineFn<Vec<Value>> for Lines<'_> {
                 let seqs: Vec<_> = kept.iter().map(|e| &e.info.seq).collect();
                 let mut bar = Progress::new("logps", seqs.len());
                 let scores = score_sequences(engine, &seqs, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+                let mut per_token = self.per_token_of(engine, &seqs)?;
                 let mut it = scores.into_iter();
                 for ex in &d.examples {
                     lines.push(match ex.dropped {
                         Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
                         None => {
                             let s = it.next().context("internal: fewer scores than kept rows")?;
-                            json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens})
+                            let mut line =
+                                json!({"source": ex.source, "completion_logps": s.logp, "completion_tokens": s.tokens});
+                            if let Some(t) = per_token.next() {
+                                line["completion_token_logps"] = json!(t);
+                            }
+                            line
                         }
                     });
                 }
@@ -80,17 +117,24 @@ impl EngineFn<Vec<Value>> for Lines<'_> {
                 let kept: Vec<_> = d.kept().collect();
                 let mut bar = Progress::new("logps (pairs)", kept.len());
                 let scores = score_pairs(engine, &kept, pad, DEFAULT_SCORE_BATCH, &mut |n| bar.update(n))?;
+                let sides: Vec<_> = kept.iter().flat_map(|p| [&p.chosen.seq, &p.rejected.seq]).collect();
+                let mut per_token = self.per_token_of(engine, &sides)?;
                 let mut it = scores.into_iter();
                 for ex in &d.examples {
                     lines.push(match ex.dropped {
                         Some(reason) => json!({"source": ex.source, "dropped": reason.to_string()}),
                         None => {
                             let (c, r) = it.next().context("internal: fewer scores than kept pairs")?;
-                            json!({
+                            let mut line = json!({
                                 "source": ex.source,
                                 "chosen_logps": c.logp, "rejected_logps": r.logp,
                                 "chosen_tokens": c.tokens, "rejected_tokens": r.tokens,
-                            })
+                            });
+                            if let (Some(tc), Some(tr)) = (per_token.next(), per_token.next()) {
+                                line["chosen_token_logps"] = json!(tc);
+                                line["rejected_token_logps"] = json!(tr);
+                            }
+                            line
                         }
                     });
                 }

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod info;
 pub mod inspect;
 pub mod logps;
+pub mod plot;
 mod progress;
 pub mod train;
 

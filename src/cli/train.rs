@@ -22,6 +22,9 @@ pub struct TrainArgs {
     /// Training data (JSON, JSONL or text, optionally gzip).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Use only the first N rows of --data.
+    #[arg(long)]
+    pub max_samples: Option<u64>,
     /// Held-out data.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -134,6 +137,7 @@ impl TrainArgs {
         put("model", path(&self.model));
         put("ref_model", path(&self.ref_model));
         put("data", path(&self.data));
+        put("max_samples", i(self.max_samples));
         put("eval_data", path(&self.eval_data));
         put("eval_fraction", f(self.eval_fraction));
         put("eval_steps", i(self.eval_steps));

@@ -94,6 +94,10 @@ pub struct TrainConfig {
     pub ref_model: Option<PathBuf>,
     /// Training data file.
     pub data: Option<PathBuf>,
+    /// Use only the first N rows of `data` (LLaMA-Factory's `max_samples`): a quick run, or
+    /// several epochs over a subset, without writing a trimmed copy of the file. Applied to the
+    /// rows as read, before tokenisation and the eval split; `eval_data` is never trimmed.
+    pub max_samples: Option<usize>,
     /// Held-out data file.
     pub eval_data: Option<PathBuf>,
     /// Fraction of `data` held out for evaluation when there is no `eval_data`.
@@ -174,6 +178,7 @@ impl Default for TrainConfig {
             model: None,
             ref_model: None,
             data: None,
+            max_samples: None,
             eval_data: None,
             eval_fraction: 0.0,
             eval_steps: 0,
@@ -253,9 +258,22 @@ impl TrainConfig {
         for (k, v) in overrides {
             table.insert(k, v);
         }
-        let cfg: TrainConfig = toml::Value::Table(table)
+        let cfg: TrainConfig = toml::Value::Table(table.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{}", e.message().replace('\n', " ")))?;
+            .map_err(|e: toml::de::Error| {
+                // A value that came from a flag has no line to point at, and toml's message for
+                // it ("unknown variant `x`") does not say which key: find the key whose value
+                // alone fails (every other key has a default, so a one-key table isolates it).
+                let msg = e.message().replace('\n', " ");
+                let culprit = table.iter().find(|(k, v)| {
+                    let one = toml::Table::from_iter([((*k).clone(), (*v).clone())]);
+                    toml::Value::Table(one).try_into::<TrainConfig>().is_err()
+                });
+                match culprit {
+                    Some((k, _)) => anyhow!("{k}: {msg}"),
+                    None => anyhow!("{msg}"),
+                }
+            })?;
         cfg.resolve(kind)
     }
 
@@ -373,6 +391,14 @@ impl TrainConfig {
             !(self.eval_data.is_some() && self.eval_fraction > 0.0),
             "eval_fraction: give eval_data or eval_fraction, not both"
         );
+        ensure!(
+            self.eval_steps == 0 || self.eval_data.is_some() || self.eval_fraction > 0.0,
+            "eval_steps: {} but there is no eval split to evaluate on (give eval_data or eval_fraction)",
+            self.eval_steps
+        );
+        if let Some(n) = self.max_samples {
+            ensure!(n > 0, "max_samples: must be ≥ 1 (leave it out to use every row)");
+        }
         ensure!(self.logging_steps > 0, "logging_steps: must be ≥ 1");
         if let Some(l) = self.save_total_limit {
             ensure!(
@@ -509,6 +535,7 @@ impl TrainConfig {
     pub fn run_identity(&self) -> Vec<(&'static str, String)> {
         vec![
             ("data", format!("{:?}", self.data)),
+            ("max_samples", format!("{:?}", self.max_samples)),
             ("eval_data", format!("{:?}", self.eval_data)),
             ("eval_fraction", self.eval_fraction.to_string()),
             ("per_device_batch_size", self.per_device_batch_size.to_string()),

@@ -9,7 +9,7 @@
 //! - [`trainer`]: the loop (clipping, schedule, logging, eval, checkpoints, exact resume).
 //! - [`sft`], [`dpo`]: the two objectives and their metrics.
 //! - [`checkpoint`], [`metrics`], [`io`]: outputs, all written atomically.
-//! - [`run`]: the entry point the CLI calls.
+//! - [`mod@run`]: the entry point the CLI calls.
 //!
 //! Output layout of `output_dir`: `config.toml` (resolved), `metrics.jsonl`,
 //! `checkpoint-<step>/` (HF model files + `optimizer.safetensors` + `trainer_state.json` +

@@ -5,7 +5,7 @@
 use super::checkpoint;
 use super::config::{Kind, TrainConfig};
 use super::cuda_engine::CudaEngine;
-use super::data::split_eval;
+use super::data::{split_eval, StepPlan};
 use super::dpo::{cached_reference, ref_cache_key, DpoTask, PairSeqs, RefSource};
 use super::engine::{CpuEngine, Engine};
 use super::sft::SftTask;
@@ -67,7 +67,10 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
         }
     };
     let data_path = cfg.data.clone().context("data: required")?;
-    let records = read_records(&data_path)?;
+    let mut records = read_records(&data_path)?;
+    if let Some(n) = cfg.max_samples {
+        records.truncate(n);
+    }
     let eval_records = cfg.eval_data.as_deref().map(read_records).transpose()?;
     let mut policy = load(resume.as_deref().unwrap_or(&model_dir))
         .with_context(|| format!("loading {}", resume.as_deref().unwrap_or(&model_dir).display()))?;
@@ -88,6 +91,8 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no training example reaches the loss (see the report)"
             );
+            check_eval(cfg, eds.as_ref().map(|e| &e.report), eval.is_empty(), &note)?;
+            check_resume(cfg, resume.as_deref(), train.len())?;
             trainer::prepare_output(cfg)?;
             let mut task = match &resume {
                 None => SftTask::new(cfg, train, eval, pad, &mut policy)?,
@@ -116,6 +121,8 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
                 !train.is_empty(),
                 "data: no preference pair reaches the loss (see the report)"
             );
+            check_eval(cfg, eds.as_ref().map(|e| &e.report), eval.is_empty(), &note)?;
+            check_resume(cfg, resume.as_deref(), train.len())?;
             let ref_dir: PathBuf = cfg.ref_model.clone().unwrap_or_else(|| model_dir.clone());
             trainer::prepare_output(cfg)?;
             let reference = if cfg.precompute_ref_logps.unwrap_or(false) {
@@ -149,6 +156,36 @@ pub fn run_with<E: Engine>(cfg: &TrainConfig, opts: RunOptions, load: &dyn Fn(&P
             })
         }
     }
+}
+
+/// Prints the eval file's report, and refuses an eval file of which nothing reaches the loss:
+/// the user asked for evaluation, so a run that silently skips it would mislead.
+fn check_eval(cfg: &TrainConfig, report: Option<&TokenizeReport>, eval_empty: bool, note: &dyn Fn(&str)) -> Result<()> {
+    if let (Some(path), Some(report)) = (cfg.eval_data.as_deref(), report) {
+        note(&format!("eval data {}:\n{report}", path.display()));
+        ensure!(
+            !eval_empty,
+            "eval_data: no example of {} reaches the loss (see the report: {} rows, {} dropped)",
+            path.display(),
+            report.n_rows,
+            report.n_dropped()
+        );
+    }
+    Ok(())
+}
+
+/// Validates a resume against the checkpoint before `output_dir` is touched.
+fn check_resume(cfg: &TrainConfig, resume: Option<&Path>, n_train: usize) -> Result<()> {
+    if let Some(dir) = resume {
+        let plan = StepPlan::new(
+            n_train,
+            cfg.per_device_batch_size,
+            cfg.gradient_accumulation_steps,
+            cfg.seed,
+        )?;
+        trainer::check_resume(cfg, dir, &plan)?;
+    }
+    Ok(())
 }
 
 /// Holds out `eval_fraction` of the kept examples (seeded), keeping both parts in data order.

@@ -99,17 +99,7 @@ pub fn run<E: Engine, T: Task<E>>(
     let config_toml = cfg.to_toml()?;
     let (mut state, log, mut interval) = match resume {
         Some(dir) => {
-            let st = checkpoint::load_state(dir)?;
-            ensure!(
-                st.steps_per_epoch == plan.steps_per_epoch() && st.seed == plan.seed,
-                "resume: {} was written by a run with {} steps per epoch and seed {}, this one has {} and {} (different data or batching)",
-                dir.display(),
-                st.steps_per_epoch,
-                st.seed,
-                plan.steps_per_epoch(),
-                plan.seed
-            );
-            check_same_run(cfg, dir)?;
+            let st = check_resume(cfg, dir, &plan)?;
             engine.load_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE))?;
             let log = MetricsLog::resume(&out, st.global_step)?;
             let interval = Interval::from_state(&st.pending_metrics);
@@ -223,6 +213,24 @@ fn evaluate<E: Engine, T: Task<E>>(
     let loss = m.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |x| x.1);
     progress.note(&format!("eval at step {step}: loss {loss:.4}"));
     Ok(m)
+}
+
+/// Checks that the checkpoint `dir` was written by this same run — same data order and
+/// batching (`plan`), same objective — and returns its state. [`crate::train::run()`] calls it
+/// before anything is written to `output_dir`, so a refused resume leaves the folder as it was.
+pub fn check_resume(cfg: &TrainConfig, dir: &Path, plan: &StepPlan) -> Result<TrainerState> {
+    let st = checkpoint::load_state(dir)?;
+    ensure!(
+        st.steps_per_epoch == plan.steps_per_epoch() && st.seed == plan.seed,
+        "resume: {} was written by a run with {} steps per epoch and seed {}, this one has {} and {} (different data or batching)",
+        dir.display(),
+        st.steps_per_epoch,
+        st.seed,
+        plan.steps_per_epoch(),
+        plan.seed
+    );
+    check_same_run(cfg, dir)?;
+    Ok(st)
 }
 
 /// Refuses to resume with settings that change the data order or the objective.
