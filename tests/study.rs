@@ -95,6 +95,7 @@ fn demo_is_deterministic_and_writes_its_outputs() {
         "study.json",
         "seed-3/dpo-nll-lr1/final/model.safetensors",
         "seed-3/data/dpo.jsonl",
+        "seed-3/data/heldout_base_pairs.jsonl",
     ] {
         assert!(a.join(f).is_file(), "{f} missing");
     }
@@ -121,9 +122,14 @@ fn demo_is_deterministic_and_writes_its_outputs() {
     let base = &v["baselines"][0]["base"];
     assert!(base["kl"].as_f64().unwrap().abs() < 1e-3, "KL(base ‖ base) ≈ 0: {base}");
     for r in v["runs"].as_array().unwrap() {
-        for k in ["win_rate", "sft_ranking", "dpo_ranking"] {
-            let x = r[k].as_f64().unwrap();
-            assert!((0.0..=1.0).contains(&x), "{k} = {x}");
+        let w = r["win_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&w), "win rate {w}");
+        for k in ["sft_ranking", "dpo_ranking"] {
+            let both = r[k].as_array().unwrap();
+            assert_eq!(both.len(), 2, "{k}: mixed and base-only pairs");
+            for x in both {
+                assert!((0.0..=1.0).contains(&x.as_f64().unwrap()), "{k} = {x}");
+            }
         }
     }
     assert_eq!(

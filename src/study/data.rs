@@ -128,8 +128,12 @@ pub struct DataFiles {
     pub sft: PathBuf,
     /// `{"prompt","chosen","rejected"}` Bradley–Terry pairs.
     pub dpo: PathBuf,
-    /// Held-out pairs whose chosen side has the strictly higher true reward.
+    /// Held-out pairs from the same mixture as `dpo`, whose chosen side has the strictly higher
+    /// true reward.
     pub heldout: PathBuf,
+    /// Held-out pairs of two base responses (labelled the same way): the stricter ranking test,
+    /// where "looks like a demonstration" says nothing and only the reward-relevant words differ.
+    pub heldout_base: PathBuf,
 }
 
 fn completion(words: &[&str]) -> String {
@@ -161,6 +165,7 @@ pub fn write_datasets(dir: &Path, sizes: &DataSizes, seed: u64) -> Result<DataFi
         sft: dir.join("sft.jsonl"),
         dpo: dir.join("dpo.jsonl"),
         heldout: dir.join("heldout_pairs.jsonl"),
+        heldout_base: dir.join("heldout_base_pairs.jsonl"),
     };
     let mut rng = stream(1);
     let mut text = String::new();
@@ -183,6 +188,10 @@ pub fn write_datasets(dir: &Path, sizes: &DataSizes, seed: u64) -> Result<DataFi
     write_atomic(
         &files.heldout,
         pairs(&mut stream(4), sizes.heldout_pairs, f, true)?.as_bytes(),
+    )?;
+    write_atomic(
+        &files.heldout_base,
+        pairs(&mut stream(5), sizes.heldout_pairs, 0.0, true)?.as_bytes(),
     )?;
     Ok(files)
 }
@@ -251,7 +260,7 @@ mod tests {
         assert!(!first.input_ids.contains(&2), "no <unk>");
         let pre = tokenize_sft(&read_records(&files.pretrain).unwrap(), &tok, &opts).unwrap();
         assert_eq!(pre.kept().count(), 8);
-        for f in [&files.dpo, &files.heldout] {
+        for f in [&files.dpo, &files.heldout, &files.heldout_base] {
             let d = tokenize_dpo(&read_records(f).unwrap(), &tok, &opts).unwrap();
             assert_eq!(d.kept().count(), 8);
             assert_eq!(d.report.n_prompt_not_token_prefix, 0);

@@ -52,24 +52,28 @@ pub fn win_rate(a: &[f64], b: &[f64]) -> f64 {
     wins / n as f64
 }
 
-/// The fixed parts of an evaluation: the tokenizer, the base model, the prompts, the held-out
-/// pairs and their base scores.
+/// Chosen/rejected completion log-probs of each held-out pair.
+pub type PairScores = Vec<(SeqScore, SeqScore)>;
+
+/// The fixed parts of an evaluation: the tokenizer, the base model, the prompts, the two
+/// held-out pair sets (`[mixed, base-only]`, see [`super::data::DataFiles`]) and their base
+/// scores.
 pub struct Evaluator {
     tok: Tokenizer,
     base: CpuEngine,
     topics: Vec<usize>,
     prompts: Vec<Vec<u32>>,
-    heldout: Vec<DpoExample>,
-    base_pairs: Vec<(SeqScore, SeqScore)>,
+    heldout: [Vec<DpoExample>; 2],
+    base_pairs: [PairScores; 2],
     sampling: SamplingOptions,
     eos: u32,
     pad: u32,
 }
 
 impl Evaluator {
-    /// Loads the base model and tokenizer from `base_dir`, the held-out pairs from `heldout`;
-    /// `samples_per_topic` prompts per topic, sampled with `seed`.
-    pub fn new(base_dir: &Path, heldout: &Path, samples_per_topic: usize, seed: u64) -> Result<Self> {
+    /// Loads the base model and tokenizer from `base_dir` and the held-out pair files
+    /// `[mixed, base-only]`; `samples_per_topic` prompts per topic, sampled with `seed`.
+    pub fn new(base_dir: &Path, heldout: [&Path; 2], samples_per_topic: usize, seed: u64) -> Result<Self> {
         let tok = Tokenizer::from_dir(base_dir)?;
         let mut base = CpuEngine::load(base_dir)?;
         let eos = tok.eos().context("the study tokenizer has no eos token")?.id;
@@ -85,12 +89,14 @@ impl Evaluator {
             max_length: super::pipeline::MAX_LENGTH,
             ..Default::default()
         };
-        let heldout: Vec<DpoExample> = tokenize_dpo(&read_records(heldout)?, &tok, &opts)?
-            .kept()
-            .cloned()
-            .collect();
-        let pairs: Vec<&DpoExample> = heldout.iter().collect();
-        let base_pairs = score_pairs(&mut base, &pairs, pad, SCORE_BATCH, &mut |_| {})?;
+        let load = |p: &Path| -> Result<Vec<DpoExample>> {
+            Ok(tokenize_dpo(&read_records(p)?, &tok, &opts)?.kept().cloned().collect())
+        };
+        let heldout = [load(heldout[0])?, load(heldout[1])?];
+        let base_pairs = [
+            scores_of(&mut base, &heldout[0], pad)?,
+            scores_of(&mut base, &heldout[1], pad)?,
+        ];
         Ok(Evaluator {
             tok,
             base,
@@ -114,9 +120,9 @@ impl Evaluator {
         self.base.model()
     }
 
-    /// The held-out pairs.
+    /// The held-out pairs from the training mixture.
     pub fn heldout(&self) -> &[DpoExample] {
-        &self.heldout
+        &self.heldout[0]
     }
 
     /// The tokenizer.
@@ -124,14 +130,16 @@ impl Evaluator {
         &self.tok
     }
 
-    /// Chosen/rejected completion log-probs of the held-out pairs under `model`.
-    pub fn pair_scores(&self, model: &mut CpuEngine) -> Result<Vec<(SeqScore, SeqScore)>> {
-        let pairs: Vec<&DpoExample> = self.heldout.iter().collect();
-        score_pairs(model, &pairs, self.pad, SCORE_BATCH, &mut |_| {})
+    /// Scores of both held-out pair sets `[mixed, base-only]` under `model`.
+    pub fn pair_scores(&self, model: &mut CpuEngine) -> Result<[PairScores; 2]> {
+        Ok([
+            scores_of(model, &self.heldout[0], self.pad)?,
+            scores_of(model, &self.heldout[1], self.pad)?,
+        ])
     }
 
-    /// Held-out scores under the base model.
-    pub fn base_pair_scores(&self) -> &[(SeqScore, SeqScore)] {
+    /// Both held-out sets' scores under the base model.
+    pub fn base_pair_scores(&self) -> &[PairScores; 2] {
         &self.base_pairs
     }
 
@@ -171,6 +179,11 @@ impl Evaluator {
             rewards,
         })
     }
+}
+
+fn scores_of(model: &mut CpuEngine, pairs: &[DpoExample], pad: u32) -> Result<PairScores> {
+    let refs: Vec<&DpoExample> = pairs.iter().collect();
+    score_pairs(model, &refs, pad, SCORE_BATCH, &mut |_| {})
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::train::CpuEngine;
 use crate::Device;
 use anyhow::{ensure, Context, Result};
 use data::{DataSizes, ModelShape};
-use evaluate::{win_rate, Evaluator};
+use evaluate::{win_rate, Evaluator, PairScores};
 use pipeline::final_model;
 use report::{ArmResult, SeedBaseline, StudyResults};
 use serde::{Deserialize, Serialize};
@@ -258,7 +258,12 @@ pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&
         let dir = out.join(format!("seed-{seed}"));
         let models = pipeline::run_seed(cfg, seed, device, &dir, note)?;
         note(&format!("seed {seed}: evaluating every model by sampling"));
-        let mut ev = Evaluator::new(&models.base, &models.files.heldout, cfg.samples_per_topic, seed)?;
+        let mut ev = Evaluator::new(
+            &models.base,
+            [&models.files.heldout, &models.files.heldout_base],
+            cfg.samples_per_topic,
+            seed,
+        )?;
         baselines.push(SeedBaseline {
             seed,
             base: ev.policy(&Model::load(&models.base)?)?,
@@ -280,8 +285,8 @@ pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&
                 sft: ev.policy(sft.model())?,
                 dpo: ev.policy(dpo.model())?,
                 win_rate: 0.0,
-                sft_ranking: ranking_accuracy(&sft_scores, ev.base_pair_scores())?,
-                dpo_ranking: ranking_accuracy(&dpo_scores, &sft_scores)?,
+                sft_ranking: rankings(&sft_scores, ev.base_pair_scores())?,
+                dpo_ranking: rankings(&dpo_scores, &sft_scores)?,
                 sft_dir: sft_dir.clone(),
                 dpo_dir: dpo_dir.clone(),
             });
@@ -296,6 +301,14 @@ pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&
         baselines,
         runs,
     })
+}
+
+/// Ranking accuracy of `policy` against `reference` on both held-out sets.
+fn rankings(policy: &[PairScores; 2], reference: &[PairScores; 2]) -> Result<[f64; 2]> {
+    Ok([
+        ranking_accuracy(&policy[0], &reference[0])?,
+        ranking_accuracy(&policy[1], &reference[1])?,
+    ])
 }
 
 /// The Q-function view of claim (c): per-token implicit rewards of an SFT model against the base

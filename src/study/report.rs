@@ -23,10 +23,12 @@ pub struct ArmResult {
     pub dpo: PolicyEval,
     /// Win rate of this arm's DPO model against the default arm's DPO model under `r*`.
     pub win_rate: f64,
-    /// Held-out ranking accuracy of the SFT model's implicit reward against the base model.
-    pub sft_ranking: f64,
-    /// Held-out ranking accuracy of the DPO model's implicit reward against its SFT reference.
-    pub dpo_ranking: f64,
+    /// Held-out ranking accuracy of the SFT model's implicit reward against the base model, on
+    /// `[mixed, base-only]` pairs.
+    pub sft_ranking: [f64; 2],
+    /// Held-out ranking accuracy of the DPO model's implicit reward against its SFT reference,
+    /// on `[mixed, base-only]` pairs.
+    pub dpo_ranking: [f64; 2],
     /// The SFT run's folder (metrics, model).
     pub sft_dir: PathBuf,
     /// The DPO run's folder.
@@ -68,6 +70,18 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// The middle value (mean of the two middle ones for an even count); robust to the occasional
+/// collapsed run that drags a mean down.
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn cell(xs: &[f64], digits: usize) -> String {
     let (m, sd) = mean_sd(xs);
     if xs.len() < 2 {
@@ -90,7 +104,9 @@ impl StudyResults {
         let _ = writeln!(
             s,
             "Seeds: {} ({}). Mean ± sd over seeds; r* = true reward (max 5.5), KL = KL(π‖π_base) in nats per response, \
-             win = DPO model vs the `{}` pipeline's under r*, rank = held-out implicit-reward ranking accuracy.\n",
+             win = DPO model vs the `{}` pipeline's under r* (ties ½), errors = fraction of samples with a grammar error, \
+             rank = held-out implicit-reward ranking accuracy on mixed / base-only pairs (SFT against the base model, \
+             DPO against its SFT model).\n",
             c.seeds.len(),
             seeds.join(", "),
             c.arms.first().map(|a| a.label()).unwrap_or_default()
@@ -106,24 +122,26 @@ impl StudyResults {
             cell(&ed, 3)
         );
         s.push_str(
-            "| SFT arm | SFT lr | SFT r* | SFT KL | SFT rank (vs base) | DPO r* | DPO KL | DPO errors | DPO win vs default | DPO rank (vs SFT) |\n",
+            "| SFT arm | SFT lr | SFT r* | SFT KL | SFT rank | DPO r* | DPO r* median | DPO KL | DPO errors | DPO win vs default | DPO rank |\n",
         );
-        s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (i, arm) in c.arms.iter().enumerate() {
             let g = |f: &dyn Fn(&ArmResult) -> f64, d: usize| cell(&self.of_arm(i, f), d);
+            let rank = |f: &dyn Fn(&ArmResult) -> [f64; 2]| format!("{} / {}", g(&|r| f(r)[0], 3), g(&|r| f(r)[1], 3));
             let _ = writeln!(
                 s,
-                "| {} | {:.2e} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.2e} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
                 arm.label(),
                 c.sft.learning_rate * arm.lr_factor,
                 g(&|r| r.sft.reward, 3),
                 g(&|r| r.sft.kl, 2),
-                g(&|r| r.sft_ranking, 3),
+                rank(&|r| r.sft_ranking),
                 g(&|r| r.dpo.reward, 3),
+                median(&self.of_arm(i, |r| r.dpo.reward)),
                 g(&|r| r.dpo.kl, 2),
                 g(&|r| r.dpo.error_rate, 3),
                 g(&|r| r.win_rate, 3),
-                g(&|r| r.dpo_ranking, 3),
+                rank(&|r| r.dpo_ranking),
             );
         }
         s
@@ -215,5 +233,7 @@ mod tests {
         let (m, sd) = mean_sd(&[1.0, 2.0, 3.0]);
         assert!((m - 2.0).abs() < 1e-12 && (sd - 1.0).abs() < 1e-12);
         assert_eq!(cell(&[1.0, 3.0], 1), "2.0 ± 1.4");
+        assert_eq!(median(&[5.0, -3.0, 1.0]), 1.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
