@@ -116,22 +116,48 @@ fn colour(r: f32, scale: f32) -> String {
     format!("rgb({},{},{})", mix(green), mix(red), mix(red.max(green)))
 }
 
+/// The text each token contributes, such that the pieces concatenate to `decode(ids)`.
+///
+/// Decoding tokens one by one loses the spaces a word-level tokenizer puts between tokens and
+/// splits multi-byte characters that byte-level BPE spreads over several tokens. This is the
+/// streaming detokeniser of text-generation-inference instead: decode a short window ending at
+/// the token and take what it adds to the window without it; while the text ends in an
+/// incomplete character (U+FFFD), the token's piece is empty and the character goes to the token
+/// that completes it.
+pub fn token_pieces(tok: &Tokenizer, ids: &[u32]) -> Result<Vec<String>> {
+    let (mut prefix, mut read) = (0usize, 0usize);
+    let mut pieces = Vec::with_capacity(ids.len());
+    for i in 0..ids.len() {
+        let before = tok.decode(&ids[prefix..read])?;
+        let after = tok.decode(&ids[prefix..=i])?;
+        match after.get(before.len()..) {
+            Some(new) if !new.is_empty() && !after.ends_with('\u{FFFD}') => {
+                pieces.push(new.to_string());
+                (prefix, read) = (read, i + 1);
+            }
+            _ => pieces.push(String::new()),
+        }
+    }
+    if read < ids.len() {
+        // The text ends inside a character: what is left goes to the last token as decoded.
+        let (before, after) = (tok.decode(&ids[prefix..read])?, tok.decode(&ids[prefix..])?);
+        if let (Some(last), Some(rest)) = (pieces.last_mut(), after.get(before.len()..)) {
+            last.push_str(rest);
+        }
+    }
+    Ok(pieces)
+}
+
 fn tokens_html(tok: &Tokenizer, seq: &TokenRewards, scale: f32, out: &mut String) -> Result<()> {
-    for (i, &id) in seq.ids.iter().enumerate() {
-        let text = tok.decode(&[id])?;
-        let text = if text.is_empty() {
-            tok.id_to_token(id).unwrap_or_default()
-        } else {
-            text
-        };
-        let shown = escape(&text).replace('\n', "↵<br>");
+    for (i, piece) in token_pieces(tok, &seq.ids)?.iter().enumerate() {
+        let shown = escape(piece).replace('\n', "↵\n");
         if i < seq.prompt_len {
-            write!(out, "<span class=\"p\">{shown}</span> ")?;
+            write!(out, "<span class=\"p\">{shown}</span>")?;
         } else {
             let r = seq.rewards[i - seq.prompt_len];
             write!(
                 out,
-                "<span class=\"t\" style=\"background:{}\" title=\"{r:+.4}\">{shown}</span> ",
+                "<span class=\"t\" style=\"background:{}\" title=\"{r:+.4}\">{shown}</span>",
                 colour(r, scale)
             )?;
         }
@@ -160,8 +186,8 @@ pub fn html_report(title: &str, summary: &[(String, String)], tok: &Tokenizer, r
          body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}\
          table.s td{{padding:0 1em 0 0}}\
          .pair{{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}}\
-         .row{{margin:.4em 0;line-height:1.9}} .lab{{font-weight:600;display:inline-block;width:6.5em}}\
-         .p{{color:#777}} .t{{padding:1px 3px;border-radius:3px}}\
+         .row{{margin:.4em 0;line-height:1.9;white-space:pre-wrap}} .lab{{font-weight:600;display:inline-block;width:6.5em}}\
+         .p{{color:#777}} .t{{padding:1px 0;border-radius:2px}}\
          .sum{{font-family:monospace;margin-left:.5em}} .ok{{color:#070}} .bad{{color:#a00}}\
          .legend span{{padding:1px 6px;margin-right:4px;border-radius:3px}}\
          </style></head><body>\n<h1>{t}</h1>\n",

@@ -317,3 +317,24 @@ fn analyze_reports_token_rewards_and_ranking() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn token_pieces_concatenate_to_the_decoded_text() {
+    use irbridge::analyze::token_pieces;
+    use irbridge::data::Tokenizer;
+    let gpt2 = Tokenizer::from_dir(&common::fixtures().join("models/tiny-gpt2")).unwrap();
+    let text = "Hi! I'd like a naïve café — 日本語 too.\nNext line";
+    let ids = gpt2.encode(text).unwrap();
+    let pieces = token_pieces(&gpt2, &ids).unwrap();
+    assert_eq!(pieces.len(), ids.len());
+    assert_eq!(pieces.concat(), gpt2.decode(&ids).unwrap());
+    assert_eq!(pieces.concat(), text);
+    // The word-level study tokenizer puts its spaces between tokens, not inside them.
+    let tmp = temp_dir("pieces");
+    irbridge::study::data::write_tokenizer(&tmp).unwrap();
+    let words = Tokenizer::from_dir(&tmp).unwrap();
+    let ids = words.encode("about sea the bright wave<eos>").unwrap();
+    let pieces = token_pieces(&words, &ids).unwrap();
+    assert_eq!(pieces, ["about", " sea", " the", " bright", " wave", " <eos>"]);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -6,7 +6,7 @@ use super::progress::Progress;
 use super::{load_dataset, Dataset, ModelArgs};
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use irbridge::analyze::{html_report, token_rewards, RowView, TokenRewards};
+use irbridge::analyze::{html_report, token_pieces, token_rewards, RowView, TokenRewards};
 use irbridge::data::{TokenizedSeq, Tokenizer};
 use irbridge::fsutil::write_atomic;
 use irbridge::model::Model;
@@ -37,8 +37,9 @@ pub struct AnalyzeArgs {
     html_rows: usize,
 }
 
+/// The completion's token pieces (they concatenate to the decoded completion).
 fn token_strings(tok: &Tokenizer, r: &TokenRewards) -> Result<Vec<String>> {
-    r.ids[r.prompt_len..].iter().map(|&id| tok.decode(&[id])).collect()
+    Ok(token_pieces(tok, &r.ids)?.split_off(r.prompt_len))
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
