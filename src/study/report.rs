@@ -4,7 +4,7 @@
 use super::evaluate::PolicyEval;
 use super::StudyConfig;
 use crate::fsutil::write_atomic;
-use crate::plot::{Chart, Series};
+use crate::plot::{Chart, Series, Style};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -169,6 +169,30 @@ impl StudyResults {
         chart
     }
 
+    /// Median SFT and DPO model of each selected arm, joined SFT → DPO: how DPO moves each
+    /// recipe on the reward-vs-KL plane. Medians over seeds, so one collapsed run does not stretch
+    /// the axes.
+    fn frontier(&self, title: &str, arms: &[usize]) -> Chart {
+        let mut chart = Chart::new(
+            title,
+            "KL(π ‖ π_base), nats per response (median over seeds)",
+            "mean r* of samples (median over seeds)",
+        );
+        for &i in arms {
+            let m = |f: &dyn Fn(&ArmResult) -> f64| median(&self.of_arm(i, f));
+            chart = chart.with(Series {
+                name: self.config.arms[i].label(),
+                points: vec![
+                    (m(&|r| r.sft.kl), m(&|r| r.sft.reward)),
+                    (m(&|r| r.dpo.kl), m(&|r| r.dpo.reward)),
+                ],
+                labels: vec!["SFT".into(), "DPO".into()],
+                style: Style::LinePoints,
+            });
+        }
+        chart
+    }
+
     /// One metric of one stage's `metrics.jsonl` against the step, a line per arm (first seed).
     fn curves(&self, title: &str, key: &str, dpo: bool) -> Result<Chart> {
         let mut chart = Chart::new(title, "step", key);
@@ -193,6 +217,33 @@ impl StudyResults {
         put("results.json", (serde_json::to_string_pretty(self)? + "\n").as_bytes())?;
         put("results.md", self.markdown().as_bytes())?;
         put("reward_vs_kl.svg", self.reward_vs_kl().to_svg().as_bytes())?;
+        // Claim (a): the first arm's objective at every learning rate; claim (b): every objective
+        // at the first arm's learning rate.
+        let arms = &self.config.arms;
+        if let Some(first) = arms.first() {
+            let by_lr: Vec<usize> = (0..arms.len())
+                .filter(|&i| arms[i].sft_loss == first.sft_loss)
+                .collect();
+            let by_loss: Vec<usize> = (0..arms.len())
+                .filter(|&i| arms[i].lr_factor == first.lr_factor)
+                .collect();
+            for (name, title, sel) in [
+                (
+                    "frontier_learning_rate.svg",
+                    "SFT learning rate: SFT → DPO on the reward-vs-KL plane",
+                    by_lr,
+                ),
+                (
+                    "frontier_objective.svg",
+                    "SFT objective: SFT → DPO on the reward-vs-KL plane",
+                    by_loss,
+                ),
+            ] {
+                if sel.len() > 1 {
+                    put(name, self.frontier(title, &sel).to_svg().as_bytes())?;
+                }
+            }
+        }
         for (name, title, key, dpo) in [
             ("sft_loss.svg", "SFT training loss", "loss", false),
             ("dpo_loss.svg", "DPO training loss", "loss", true),
