@@ -15,8 +15,8 @@ pub struct DemoArgs {
     /// Where the models, data, table and plots go (replaced if it holds an earlier demo).
     #[arg(long, default_value = "runs/demo")]
     output_dir: PathBuf,
-    /// The larger grid: three seeds, NLL at three learning rates and three f-divergence
-    /// objectives at two (about 25 minutes on two CPU cores).
+    /// The larger grid of docs/experiments.md: five seeds, NLL at four learning rates and five
+    /// f-divergence objectives at two (about 10 minutes on two CPU cores).
     #[arg(long)]
     full: bool,
     /// A study config (JSON, as the `study.json` a demo writes; keys left out keep the default
