@@ -276,3 +276,91 @@ __device__ __forceinline__ void attn_backward_dkv(const TT* q, const TT* k, cons
 
 ATT_INST(float, f32)
 ATT_INST(__nv_bfloat16, bf16)
+
+// Attention of new rows over a KV cache (incremental decoding), the CUDA twin of
+// attention::decode_cpu. q/out [N, Hq, D]; k_cache/v_cache [B*cap, Hk, D]: slot b*cap + t holds
+// token t of sequence b (keys after rotary). Row r is token pos[r] of sequence seq[r] and sees the
+// slots seq[r]*cap + lo ..= seq[r]*cap + pos[r], lo = max(0, pos[r] + 1 - window) (window <= 0: no
+// window); the caller has already written them, this step's rows included.
+// One warp per (row, head), DEC_WARPS warps a block, grid (ceil(N/DEC_WARPS), Hq): lane l owns
+// dims l, l+32, ... of q, the accumulator and the output, and each score is a warp-reduced dot
+// product (coalesced reads of each cache row). As on the CPU: the max score first, then
+// p = exp(s - max) once per score, their sum and sum(p v) in fp32, one division at the end. The
+// second pass recomputes the scores (bitwise the same) rather than storing them, since a row may
+// see any number of keys. No shared memory, no atomics, no block barrier. seq/pos are validated on
+// the host; a row outside the cache writes NaN so that it cannot go unseen.
+#define DEC_WARPS 4
+
+template <typename TT>
+__device__ __forceinline__ void attn_decode(const TT* q, const TT* kc, const TT* vc, const unsigned* seq,
+                                            const unsigned* pos, TT* out, int N, int B, int cap, int Hq,
+                                            int Hk, int D, float scale, int window) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * DEC_WARPS + warp, h = blockIdx.y;
+    if (r >= N || h >= Hq) return;  // warp-uniform
+    const int hk = h / (Hq / Hk);
+    const unsigned b = seq[r], t = pos[r];
+    TT* o = out + ((size_t)r * Hq + h) * D;
+    if (b >= (unsigned)B || t >= (unsigned)cap) {
+        for (int d = lane; d < D; d += 32) o[d] = irb_from_float<TT>(NAN);
+        return;
+    }
+    const int last = (int)t;
+    const int lo = window > 0 ? max(0, last + 1 - window) : 0;
+    const size_t stride = (size_t)Hk * D;
+    const size_t base = (size_t)b * cap * stride + (size_t)hk * D;
+    const TT* qh = q + ((size_t)r * Hq + h) * D;
+    float qr[ATT_DPL];
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) {
+        const int d = lane + 32 * i;
+        qr[i] = d < D ? irb_to_float(qh[d]) : 0.f;
+    }
+    float m = -INFINITY;
+    for (int j = lo; j <= last; ++j) {
+        const TT* kj = kc + base + (size_t)j * stride;
+        float part = 0.f;
+        #pragma unroll
+        for (int i = 0; i < ATT_DPL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < D) part += qr[i] * irb_to_float(kj[d]);
+        }
+        m = fmaxf(m, irb_warp_sum(part) * scale);
+    }
+    float l = 0.f, acc[ATT_DPL];
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) acc[i] = 0.f;
+    for (int j = lo; j <= last; ++j) {
+        const size_t off = base + (size_t)j * stride;
+        float part = 0.f;
+        #pragma unroll
+        for (int i = 0; i < ATT_DPL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < D) part += qr[i] * irb_to_float(kc[off + d]);
+        }
+        const float p = expf(irb_warp_sum(part) * scale - m);
+        l += p;
+        #pragma unroll
+        for (int i = 0; i < ATT_DPL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < D) acc[i] += p * irb_to_float(vc[off + d]);
+        }
+    }
+    const float inv = 1.f / l;  // l >= 1: the max-score key contributes exp(0)
+    #pragma unroll
+    for (int i = 0; i < ATT_DPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) o[d] = irb_from_float<TT>(acc[i] * inv);
+    }
+}
+
+#define ATT_DEC_INST(TT, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)                                    \
+        attention_decode_##S(const TT* q, const TT* k_cache, const TT* v_cache, const unsigned* seq, \
+                             const unsigned* pos, TT* out, int N, int B, int cap, int Hq, int Hk,  \
+                             int D, float scale, int window) {                                     \
+        attn_decode<TT>(q, k_cache, v_cache, seq, pos, out, N, B, cap, Hq, Hk, D, scale, window);   \
+    }
+
+ATT_DEC_INST(float, f32)
+ATT_DEC_INST(__nv_bfloat16, bf16)

@@ -508,6 +508,164 @@ fn attention_backward_matches_finite_differences() {
     }
 }
 
+// ---------------------------------------------------------------- attention over a KV cache
+
+fn decode_shape(
+    rows: usize,
+    batch: usize,
+    capacity: usize,
+    heads: (usize, usize),
+    head_dim: usize,
+) -> attn::DecodeShape {
+    attn::DecodeShape {
+        rows,
+        batch,
+        capacity,
+        heads_q: heads.0,
+        heads_kv: heads.1,
+        head_dim,
+        scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        window: None,
+    }
+}
+
+/// Naive f64 cached attention with a window: `[N, Hq, D]`.
+fn decode_reference(s: attn::DecodeShape, q: &[f32], k: &[f32], v: &[f32], seq: &[u32], pos: &[u32]) -> Vec<f64> {
+    let (hq, hk, d) = (s.heads_q, s.heads_kv, s.head_dim);
+    let mut out = vec![0f64; q.len()];
+    for r in 0..s.rows {
+        let (b, t) = (seq[r] as usize, pos[r] as usize);
+        let lo = s.window.map_or(0, |w| (t + 1).saturating_sub(w));
+        for h in 0..hq {
+            let g = h / (hq / hk);
+            let qr = &q[(r * hq + h) * d..][..d];
+            let slot = |j: usize| ((b * s.capacity + j) * hk + g) * d;
+            let sc: Vec<f64> = (lo..=t)
+                .map(|j| {
+                    qr.iter()
+                        .zip(&k[slot(j)..][..d])
+                        .map(|(a, c)| *a as f64 * *c as f64)
+                        .sum::<f64>()
+                        * s.scale as f64
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+            for (x, j) in sc.iter().zip(lo..=t) {
+                for e in 0..d {
+                    out[(r * hq + h) * d + e] += (x - m).exp() / z * v[slot(j) + e] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_decode_by_hand() {
+    // One row, one head, D = 2, scale 1: scores (0, ln 3) over two keys, so p = (1/4, 3/4).
+    let mut s = decode_shape(1, 1, 3, (1, 1), 2);
+    s.scale = 1.0;
+    let q = [1.0f32, 0.0];
+    let k = [0.0f32, 5.0, 3f32.ln(), 1.0, 100.0, 100.0]; // slot 2 lies past the row: never read
+    let v = [4.0f32, 0.0, 0.0, 8.0, f32::NAN, f32::NAN];
+    let mut out = [0f32; 2];
+    attn::decode_cpu(s, &q, &k, &v, &[0], &[1], &mut out).unwrap();
+    common::assert_close("decode by hand", &to64(&out), &[1.0, 6.0], 1e-6, 1e-6);
+    // A window of one token sees only the row's own slot.
+    s.window = Some(1);
+    attn::decode_cpu(s, &q, &k, &v, &[0], &[1], &mut out).unwrap();
+    assert_eq!(out, [0.0, 8.0]);
+}
+
+/// A cache holding a padded batch's keys/values, queried at every real position, is the packed
+/// causal attention of that batch (GQA, MQA, a one-token sequence, capacity beyond the batch).
+#[test]
+fn attention_decode_matches_packed_attention() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for (s, lengths, cap) in [
+        (shape(3, 5, 4, 2, 6), vec![5u32, 1, 3], 7),
+        (shape(2, 40, 2, 1, 8), vec![40, 33], 40),
+        (shape(1, 1, 3, 3, 5), vec![1], 4),
+    ] {
+        let (q, k, v) = attention_case(&mut rng, s);
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; s.batch * s.heads_q * s.seq];
+        attn::forward_cpu(s, &q, &k, &v, &lengths, &mut out, &mut lse).unwrap();
+        let (qw, kvw) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
+        let (mut kc, mut vc) = (
+            randn(&mut rng, s.batch * cap * kvw, 1.0),
+            randn(&mut rng, s.batch * cap * kvw, 1.0),
+        );
+        let (mut seq, mut pos, mut qr, mut want) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (b, &len) in lengths.iter().enumerate() {
+            for t in 0..len as usize {
+                let (src, dst) = ((b * s.seq + t) * kvw, (b * cap + t) * kvw);
+                kc[dst..dst + kvw].copy_from_slice(&k[src..src + kvw]);
+                vc[dst..dst + kvw].copy_from_slice(&v[src..src + kvw]);
+                seq.push(b as u32);
+                pos.push(t as u32);
+                qr.extend_from_slice(&q[(b * s.seq + t) * qw..][..qw]);
+                want.extend_from_slice(&out[(b * s.seq + t) * qw..][..qw]);
+            }
+        }
+        let ds = decode_shape(seq.len(), s.batch, cap, (s.heads_q, s.heads_kv), s.head_dim);
+        let mut got = vec![f32::NAN; qr.len()];
+        attn::decode_cpu(ds, &qr, &kc, &vc, &seq, &pos, &mut got).unwrap();
+        common::assert_close(
+            &format!("decode vs packed {s:?}"),
+            &to64(&got),
+            &to64(&want),
+            1e-5,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn attention_decode_sliding_window_and_errors() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (b, cap, hq, hk, d) = (2, 11, 4, 1, 8);
+    let kvw = hk * d;
+    let (k, v) = (randn(&mut rng, b * cap * kvw, 1.5), randn(&mut rng, b * cap * kvw, 1.0));
+    let rows: Vec<(u32, u32)> = vec![(0, 0), (0, 1), (0, 2), (1, 10), (1, 3), (0, 10)];
+    let (seq, pos): (Vec<u32>, Vec<u32>) = rows.iter().copied().unzip();
+    let q = randn(&mut rng, rows.len() * hq * d, 1.5);
+    for window in [None, Some(1), Some(2), Some(4), Some(11), Some(50)] {
+        let mut s = decode_shape(rows.len(), b, cap, (hq, hk), d);
+        s.window = window;
+        let mut out = vec![f32::NAN; q.len()];
+        attn::decode_cpu(s, &q, &k, &v, &seq, &pos, &mut out).unwrap();
+        let want = decode_reference(s, &q, &k, &v, &seq, &pos);
+        common::assert_close(&format!("decode window {window:?}"), &to64(&out), &want, 1e-5, 1e-6);
+    }
+    let s = decode_shape(rows.len(), b, cap, (hq, hk), d);
+    let mut out = vec![0f32; q.len()];
+    let err = attn::decode_cpu(s, &q, &k[1..], &v, &seq, &pos, &mut out).unwrap_err();
+    assert!(err.to_string().starts_with("k_cache:"), "{err}");
+    let err = attn::decode_cpu(s, &q, &k, &v, &seq, &pos, &mut out[1..]).unwrap_err();
+    assert!(err.to_string().starts_with("out:"), "{err}");
+    let bad_pos = [0, 1, 2, 11, 3, 10];
+    let err = attn::decode_cpu(s, &q, &k, &v, &seq, &bad_pos, &mut out).unwrap_err();
+    assert!(err.to_string().contains("pos[3] = 11"), "{err}");
+    let bad_seq = [0, 0, 2, 1, 1, 0];
+    let err = attn::decode_cpu(s, &q, &k, &v, &bad_seq, &pos, &mut out).unwrap_err();
+    assert!(err.to_string().contains("seq[2] = 2"), "{err}");
+    let err = attn::decode_cpu(
+        attn::DecodeShape { window: Some(0), ..s },
+        &q,
+        &k,
+        &v,
+        &seq,
+        &pos,
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at least 1 token"), "{err}");
+    let err = attn::decode_cpu(attn::DecodeShape { heads_kv: 3, ..s }, &q, &k, &v, &seq, &pos, &mut out).unwrap_err();
+    assert!(err.to_string().contains("not a multiple"), "{err}");
+}
+
 // ---------------------------------------------------------------- activation
 
 #[test]
@@ -1124,6 +1282,81 @@ fn gpu_attention_matches_cpu() {
     };
     gpu_attention::<f32>(&dev);
     gpu_attention::<bf16>(&dev);
+}
+
+fn gpu_attention_decode<T: GpuElem>(dev: &irbridge::device::CudaDevice) {
+    let mut rng = StdRng::seed_from_u64(27);
+    let (rtol, atol) = gpu::tol::<T>();
+    // (batch, capacity, heads, head_dim, window): GQA with D < 32 (the fixtures' 16), D = 64 and
+    // the 128 maximum, an odd D, MHA, and windows shorter than most rows' histories.
+    for (b, cap, heads, d, window) in [
+        (3usize, 37usize, (4usize, 2usize), 16usize, None),
+        (2, 70, (8, 2), 64, Some(5)),
+        (1, 67, (2, 1), 128, None),
+        (2, 9, (3, 3), 5, Some(1)),
+        (4, 130, (4, 4), 32, Some(64)),
+    ] {
+        let kvw = heads.1 * d;
+        let k: Vec<T> = gpu::cast(&randn(&mut rng, b * cap * kvw, 1.5));
+        let v: Vec<T> = gpu::cast(&randn(&mut rng, b * cap * kvw, 1.0));
+        // Every position of sequence 0, one row of every other sequence (its last slot), and a
+        // one-row call.
+        let mut rows: Vec<(u32, u32)> = (0..cap as u32).map(|t| (0, t)).collect();
+        rows.extend((1..b as u32).map(|s| (s, cap as u32 - 1)));
+        for rows in [rows, vec![(b as u32 - 1, (cap / 2) as u32)]] {
+            let (seq, pos): (Vec<u32>, Vec<u32>) = rows.iter().copied().unzip();
+            let mut s = decode_shape(rows.len(), b, cap, heads, d);
+            s.window = window;
+            let q: Vec<T> = gpu::cast(&randn(&mut rng, rows.len() * heads.0 * d, 1.5));
+            let mut out = vec![T::default(); q.len()];
+            attn::decode_cpu(s, &q, &k, &v, &seq, &pos, &mut out).unwrap();
+            let mut od = dev.stream().alloc_zeros::<T>(q.len()).unwrap();
+            attn::decode_cuda(
+                dev,
+                s,
+                &gpu::up(dev, &q).as_view(),
+                &gpu::up(dev, &k).as_view(),
+                &gpu::up(dev, &v).as_view(),
+                &gpu::up(dev, &seq).as_view(),
+                &gpu::up(dev, &pos).as_view(),
+                &mut od.as_view_mut(),
+            )
+            .unwrap();
+            common::assert_close(
+                &format!("attention decode {s:?} {}", T::NAME),
+                &to64(&gpu::down(dev, &od)),
+                &to64(&out),
+                rtol,
+                atol,
+            );
+        }
+    }
+}
+
+/// The decode kernel against its CPU twin, and the launcher's length checks.
+#[test]
+fn gpu_attention_decode_matches_cpu() {
+    let Some(dev) = gpu::device("gpu_attention_decode_matches_cpu") else {
+        return;
+    };
+    gpu_attention_decode::<f32>(&dev);
+    gpu_attention_decode::<bf16>(&dev);
+    let s = decode_shape(2, 1, 4, (2, 1), 8);
+    let (q, kv) = (gpu::up(&dev, &[0f32; 32]), gpu::up(&dev, &[0f32; 31]));
+    let rows = gpu::up(&dev, &[0u32, 1]);
+    let mut out = dev.stream().alloc_zeros::<f32>(32).unwrap();
+    let err = attn::decode_cuda(
+        &dev,
+        s,
+        &q.as_view(),
+        &kv.as_view(),
+        &kv.as_view(),
+        &rows.as_view(),
+        &rows.as_view(),
+        &mut out.as_view_mut(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("k_cache:"), "{err}");
 }
 
 fn gpu_activation<T: GpuElem>(dev: &irbridge::device::CudaDevice) {

@@ -568,6 +568,55 @@ fn cli_device_cuda_fails_cleanly_without_a_gpu_and_scores_with_one() {
     }
 }
 
+/// `generate --device cuda`: without a GPU one clear line naming the reason (and `--dtype bf16`
+/// on the CPU is refused as for the scoring commands); with one, greedy sampling on the GPU in
+/// f32 starts with the CPU's token and bf16 samples the requested number of tokens.
+#[test]
+fn cli_generate_device_cuda_fails_cleanly_without_a_gpu_and_samples_with_one() {
+    let model = path(&model_dir("tiny-llama"));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        irbridge(&args)
+    };
+    assert_clean_error(&run(&["--device", "cpu", "--dtype", "bf16"]), "--dtype bf16");
+    match irbridge::device::cuda_unavailable_reason(0) {
+        Some(why) => {
+            common::say_skipped("cli_generate_device_cuda sampling half");
+            assert_clean_error(&run(&["--device", "cuda"]), &why);
+            assert_clean_error(&run(&["--device", "cuda:0", "--dtype", "bf16"]), &why);
+        }
+        None => {
+            let sample = |extra: &[&str]| -> serde_json::Value {
+                let out = run(extra);
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
+            };
+            let cpu = sample(&["--device", "cpu"]);
+            let gpu = sample(&["--device", "cuda"]);
+            let bf16 = sample(&["--device", "cuda:0", "--dtype", "bf16"]);
+            // The whole greedy sequences are compared by tests/generate.rs (with its allowance
+            // for f32 near-ties); here the first token must match.
+            assert_eq!(gpu["token_ids"][0], cpu["token_ids"][0], "{gpu} vs {cpu}");
+            for s in [&gpu, &bf16] {
+                assert_eq!(s["token_ids"].as_array().unwrap().len(), 5, "{s}");
+                assert!(s["logp"].as_f64().unwrap().is_finite(), "{s}");
+            }
+        }
+    }
+}
+
 /// TokenOutputs of the CUDA forward are the trainers' view: same lengths as the batch.
 #[test]
 fn gpu_token_outputs_shape() {

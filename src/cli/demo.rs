@@ -26,7 +26,8 @@ pub struct DemoArgs {
     /// Seeds to run instead of the grid's (comma-separated).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
-    /// Device the models train on: cpu, cuda, cuda:N or auto (sampling runs on the CPU).
+    /// Device the models train and sample on: cpu, cuda, cuda:N or auto (scoring runs on the
+    /// CPU).
     #[arg(long, default_value = "cpu")]
     device: Device,
 }

@@ -1,10 +1,12 @@
 //! `irbridge generate`: sample continuations of prompts from any supported checkpoint, with a KV
 //! cache (temperature, top-p, a token budget, a seed).
 
-use anyhow::{bail, ensure, Context, Result};
+use super::DeviceArgs;
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 use irbridge::data::{ChatTemplate, Message, Tokenizer};
 use irbridge::generate::{generate, SamplingOptions};
+use irbridge::model::cuda::CudaModel;
 use irbridge::model::Model;
 use irbridge::Device;
 use serde_json::{json, Value};
@@ -44,9 +46,8 @@ pub struct GenerateArgs {
     /// Print one JSON object per sample (prompt, text, token ids, per-token log-probs).
     #[arg(long)]
     json: bool,
-    /// Device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: Device,
+    #[command(flatten)]
+    dev: DeviceArgs,
 }
 
 /// The ids generation stops on: the tokenizer's EOS and every `eos_token_id` of `config.json`
@@ -88,10 +89,7 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
 
 /// Runs `irbridge generate`.
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    match a.device.ensure_available()? {
-        Device::Cpu => {}
-        d => bail!("--device {d}: generation runs on the CPU engine only in this build; use --device cpu"),
-    }
+    let device = a.dev.check_device()?;
     ensure!(a.num_samples > 0, "--num-samples: must be at least 1");
     let opts = SamplingOptions {
         temperature: a.temperature,
@@ -127,7 +125,15 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         }
     }
     let ids: Vec<Vec<u32>> = encoded.iter().map(|(_, ids)| ids.clone()).collect();
-    let samples = generate(&model, &ids, &stop_ids(&a.model, &tok, &model), &opts)?;
+    let stop = stop_ids(&a.model, &tok, &model);
+    let samples = match device {
+        Device::Cpu => generate(&model, &ids, &stop, &opts)?,
+        Device::Cuda(n) => {
+            let gpu = CudaModel::new(&model, n, a.dev.dtype())?;
+            drop(model);
+            generate(&gpu, &ids, &stop, &opts)?
+        }
+    };
     for ((i, prompt_ids), s) in encoded.iter().zip(&samples) {
         // Decode prompt + sample and cut the decoded prompt off (as transformers' streamers do),
         // so word boundaries between the two survive for tokenizers without leading spaces.

@@ -20,15 +20,9 @@ use irbridge::train::{CpuEngine, CudaEngine, Engine};
 use irbridge::Device;
 use std::path::{Path, PathBuf};
 
-/// Data and device flags shared by the scoring commands.
-#[derive(Args)]
-pub struct ModelArgs {
-    /// Dataset file: JSON array or JSONL, optionally gzip (REFERENCE §2 formats).
-    #[arg(long)]
-    data: PathBuf,
-    /// Maximum prompt+completion tokens per sequence (keep_start truncation).
-    #[arg(long, default_value_t = irbridge::data::DEFAULT_MAX_LENGTH)]
-    max_length: usize,
+/// The device flags of every command that runs a model (scoring and generation).
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -37,9 +31,10 @@ pub struct ModelArgs {
     dtype: Precision,
 }
 
-impl ModelArgs {
-    /// The device to score on. An unusable CUDA device fails here with the reason (no driver,
-    /// no GPU, a build without kernels) instead of silently falling back to the CPU.
+impl DeviceArgs {
+    /// The device to run on. An unusable CUDA device fails here with the reason (no driver,
+    /// no GPU, a build without kernels) instead of silently falling back to the CPU; so does
+    /// bf16 on the CPU, which has only the f32 engine.
     fn check_device(&self) -> Result<Device> {
         let d = self
             .device
@@ -54,13 +49,38 @@ impl ModelArgs {
         Ok(d)
     }
 
+    /// The activation precision on CUDA.
+    fn dtype(&self) -> Precision {
+        self.dtype
+    }
+}
+
+/// Data and device flags shared by the scoring commands.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Dataset file: JSON array or JSONL, optionally gzip (REFERENCE §2 formats).
+    #[arg(long)]
+    data: PathBuf,
+    /// Maximum prompt+completion tokens per sequence (keep_start truncation).
+    #[arg(long, default_value_t = irbridge::data::DEFAULT_MAX_LENGTH)]
+    max_length: usize,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+impl ModelArgs {
+    /// See [`DeviceArgs::check_device`].
+    fn check_device(&self) -> Result<Device> {
+        self.dev.check_device()
+    }
+
     /// Puts `model` on the device chosen by [`ModelArgs::check_device`] and runs `f` with its
     /// engine.
     fn with_engine<R>(&self, device: Device, model: Model, f: impl EngineFn<R>) -> Result<R> {
         match device {
             Device::Cpu => f.call(&mut CpuEngine::new(model)),
             Device::Cuda(n) => {
-                let m = CudaModel::new(&model, n, self.dtype)?;
+                let m = CudaModel::new(&model, n, self.dev.dtype())?;
                 drop(model);
                 f.call(&mut CudaEngine::new(m))
             }

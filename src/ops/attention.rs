@@ -11,6 +11,15 @@
 //! `dq_i = Σ_j ds_ij k_j/√D`, `dk_j = Σ_i ds_ij q_i/√D`, `dv_j = Σ_i p_ij dout_i` (dk/dv summed
 //! over the query heads of the group). All outputs are overwritten. The CUDA kernels own every
 //! output row with one warp (no atomics, deterministic); `head_dim` ≤ 128 on CUDA.
+//!
+//! Decoding ([`decode_cpu`], [`decode_cuda`]): new rows attend over a KV cache instead of over
+//! each other. The cache is `[B·cap, Hkv, D]` (slot `b·cap + t` holds the rotated key, or the
+//! value, of token `t` of sequence `b`); row `r` is token `pos[r]` of sequence `seq[r]` and sees
+//! the slots `seq[r]·cap + lo ..= seq[r]·cap + pos[r]`, `lo = pos[r] + 1 − window` (0 without a
+//! window), which the caller has written first (this step's rows included, so a prefill and a
+//! single-token step are the same call). Nothing is saved: decoding has no backward. The numerics
+//! are those of the CPU engine's cached attention: fp32 scores, the maximum first, one `exp` per
+//! score, one division at the end.
 
 use super::support::{cfg, dim_i32, ensure_len, GpuElem};
 use crate::device::CudaDevice;
@@ -58,14 +67,7 @@ impl AttnShape {
     }
 
     fn check(&self) -> Result<()> {
-        ensure!(self.head_dim > 0, "attention: head_dim must be positive");
-        ensure!(
-            self.heads_kv > 0 && self.heads_q.is_multiple_of(self.heads_kv),
-            "attention: heads_q {} is not a multiple of heads_kv {}",
-            self.heads_q,
-            self.heads_kv
-        );
-        Ok(())
+        check_heads(self.heads_q, self.heads_kv, self.head_dim)
     }
 
     /// Validates the forward tensors' lengths, naming the offender.
@@ -98,6 +100,16 @@ impl AttnShape {
             dim_i32("head_dim", self.head_dim)?,
         ))
     }
+}
+
+/// The head geometry both attention problems share: `D > 0` and whole query-head groups.
+fn check_heads(heads_q: usize, heads_kv: usize, head_dim: usize) -> Result<()> {
+    ensure!(head_dim > 0, "attention: head_dim must be positive");
+    ensure!(
+        heads_kv > 0 && heads_q.is_multiple_of(heads_kv),
+        "attention: heads_q {heads_q} is not a multiple of heads_kv {heads_kv}"
+    );
+    Ok(())
 }
 
 fn check_lengths(lengths: &[u32], seq: usize) -> Result<()> {
@@ -377,5 +389,181 @@ pub fn backward_cuda<T: GpuElem>(
         .arg(grads.dv);
     b.arg(&b_).arg(&t_).arg(&hq).arg(&hk).arg(&d).arg(&scale);
     unsafe { b.launch(cfg((rows, (s.batch * s.heads_kv) as u32, 1), block)) }?;
+    Ok(())
+}
+
+/// The problem size of one cached-attention step: `rows` new query rows over a cache of `batch`
+/// sequences of `capacity` slots.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeShape {
+    /// New query rows `N`.
+    pub rows: usize,
+    /// Sequences `B` in the cache.
+    pub batch: usize,
+    /// Slots per sequence.
+    pub capacity: usize,
+    /// Query heads Hq.
+    pub heads_q: usize,
+    /// Key/value heads Hkv (divides Hq).
+    pub heads_kv: usize,
+    /// Head dimension D.
+    pub head_dim: usize,
+    /// Score multiplier (the model's; `1/√D` for every model the CUDA engine runs).
+    pub scale: f32,
+    /// Sliding window: keys with `pos − key ≥ window` are masked; `None` sees every earlier key.
+    pub window: Option<usize>,
+}
+
+impl DecodeShape {
+    fn q_len(&self) -> usize {
+        self.rows * self.heads_q * self.head_dim
+    }
+
+    fn cache_len(&self) -> usize {
+        self.batch * self.capacity * self.heads_kv * self.head_dim
+    }
+
+    /// Validates the geometry and every tensor's length, naming the offender.
+    fn check(&self, q: usize, k_cache: usize, v_cache: usize, seq: usize, pos: usize, out: usize) -> Result<()> {
+        check_heads(self.heads_q, self.heads_kv, self.head_dim)?;
+        ensure!(self.heads_q > 0, "attention decode: heads_q must be positive");
+        ensure!(
+            self.window != Some(0),
+            "attention decode: a sliding window must be at least 1 token"
+        );
+        ensure_len("q", q, self.q_len())?;
+        ensure_len("k_cache", k_cache, self.cache_len())?;
+        ensure_len("v_cache", v_cache, self.cache_len())?;
+        ensure_len("seq", seq, self.rows)?;
+        ensure_len("pos", pos, self.rows)?;
+        ensure_len("out", out, self.q_len())
+    }
+}
+
+/// Fails unless every row lies inside a cache of `batch` sequences × `capacity` slots
+/// (`seq[r] < batch`, `pos[r] < capacity`), naming the first that does not. [`decode_cpu`] calls
+/// it; callers of [`decode_cuda`] call it on the host copies of `seq`/`pos` before uploading them
+/// (the launcher cannot read device memory).
+pub fn check_decode_rows(batch: usize, capacity: usize, seq: &[u32], pos: &[u32]) -> Result<()> {
+    if let Some((r, &b)) = seq.iter().enumerate().find(|(_, &b)| b as usize >= batch) {
+        anyhow::bail!("seq[{r}] = {b} is outside the cache's {batch} sequences");
+    }
+    if let Some((r, &t)) = pos.iter().enumerate().find(|(_, &t)| t as usize >= capacity) {
+        anyhow::bail!("pos[{r}] = {t} is outside the cache's {capacity} slots per sequence");
+    }
+    Ok(())
+}
+
+/// CPU cached attention: `out[r, h] = Σ_j softmax_j(scale·q[r,h]·k_j) v_j` over the slots row `r`
+/// sees (see the module docs), query head `h` reading kv head `h / (Hq/Hkv)`. In f32 this is
+/// bitwise the CPU engine's cached attention (same dot products, softmax and final scaling).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_cpu<T: Elem>(
+    s: DecodeShape,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    seq: &[u32],
+    pos: &[u32],
+    out: &mut [T],
+) -> Result<()> {
+    s.check(q.len(), k_cache.len(), v_cache.len(), seq.len(), pos.len(), out.len())?;
+    check_decode_rows(s.batch, s.capacity, seq, pos)?;
+    let (hq, d) = (s.heads_q, s.head_dim);
+    let (group, kvw) = (hq / s.heads_kv, s.heads_kv * d);
+    out.par_chunks_mut(hq * d).enumerate().for_each_init(
+        || (Vec::new(), vec![0f32; d]),
+        |(scores, acc), (r, o)| {
+            let (t, base) = (pos[r] as usize, seq[r] as usize * s.capacity);
+            let lo = s.window.map_or(0, |w| (t + 1).saturating_sub(w));
+            let slots = base + lo..base + t + 1;
+            for h in 0..hq {
+                let qh = &q[(r * hq + h) * d..][..d];
+                let off = h / group * d;
+                scores.clear();
+                scores.extend(slots.clone().map(|j| s.scale * dot(qh, &k_cache[j * kvw + off..][..d])));
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in scores.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x;
+                }
+                acc.fill(0.0);
+                for (&p, j) in scores.iter().zip(slots.clone()) {
+                    for (a, vv) in acc.iter_mut().zip(&v_cache[j * kvw + off..][..d]) {
+                        *a += p * vv.to_f32();
+                    }
+                }
+                let inv = 1.0 / sum;
+                for (oo, &a) in o[h * d..(h + 1) * d].iter_mut().zip(acc.iter()) {
+                    *oo = T::from_f32(a * inv);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Warps (one per query row and head) per block of the decode kernel; fixed by the kernel.
+const DECODE_WARPS: usize = 4;
+
+/// CUDA [`decode_cpu`]. `seq` and `pos` live on the device: the caller checks their host copies
+/// with [`check_decode_rows`] (a row outside the cache would write NaN, never out of bounds).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_cuda<T: GpuElem>(
+    dev: &CudaDevice,
+    s: DecodeShape,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+    seq: &CudaView<u32>,
+    pos: &CudaView<u32>,
+    out: &mut CudaViewMut<T>,
+) -> Result<()> {
+    s.check(q.len(), k_cache.len(), v_cache.len(), seq.len(), pos.len(), out.len())?;
+    ensure!(
+        s.head_dim <= CUDA_MAX_HEAD_DIM,
+        "attention decode: head_dim {} exceeds the CUDA kernel's {CUDA_MAX_HEAD_DIM}",
+        s.head_dim
+    );
+    ensure!(
+        s.heads_q <= 65535,
+        "attention decode: heads_q {} exceeds the CUDA grid limit 65535",
+        s.heads_q
+    );
+    let window = match s.window {
+        Some(w) => dim_i32("window", w)?,
+        None => 0,
+    };
+    let (n_i, b_i, cap_i) = (
+        dim_i32("rows", s.rows)?,
+        dim_i32("batch", s.batch)?,
+        dim_i32("capacity", s.capacity)?,
+    );
+    dim_i32("batch × capacity", s.batch * s.capacity)?;
+    let (hq, hk, d) = (
+        dim_i32("heads_q", s.heads_q)?,
+        dim_i32("heads_kv", s.heads_kv)?,
+        dim_i32("head_dim", s.head_dim)?,
+    );
+    if s.rows == 0 {
+        return Ok(());
+    }
+    let f = dev.function("attention", &format!("attention_decode_{}", T::SUFFIX))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(q).arg(k_cache).arg(v_cache).arg(seq).arg(pos).arg(out);
+    b.arg(&n_i)
+        .arg(&b_i)
+        .arg(&cap_i)
+        .arg(&hq)
+        .arg(&hk)
+        .arg(&d)
+        .arg(&s.scale)
+        .arg(&window);
+    let grid = (s.rows.div_ceil(DECODE_WARPS) as u32, s.heads_q as u32, 1);
+    // SAFETY: argument order and types match `attention_decode_*` (q, k_cache, v_cache, seq, pos,
+    // out, then N, B, cap, Hq, Hk, D as int, scale as float, window as int); every length was
+    // checked above and the rows by the caller; the block is the kernel's 32·DEC_WARPS threads.
+    unsafe { b.launch(cfg(grid, (32 * DECODE_WARPS as u32, 1, 1))) }?;
     Ok(())
 }

@@ -7,13 +7,22 @@
 //! - win rate against another policy: sample `i` of each answers the same prompt, the higher
 //!   `r*` wins, ties count one half;
 //! - the implicit-reward ranking accuracy on held-out pairs ([`crate::analyze::ranking_accuracy`]).
+//!
+//! Sampling runs on the study's device: on CUDA each policy is uploaded in f32 and sampled with
+//! the CUDA engine's KV cache (the same seeded sampler, so the samples are the CPU's up to f32
+//! round-off in the logits). The scoring — the base model's log-probs of the samples for the KL
+//! and the held-out pair scores — stays on the CPU engine: it is a few forwards of a small model,
+//! and it keeps the KL's reference side and the ranking scores computed identically on every
+//! device. The policy side of the KL is the sampler's own `log π(y)` (f32 on either device).
 
 use super::task;
 use crate::data::{read_records, tokenize_dpo, DpoExample, TokenizeOptions, TokenizedSeq, Tokenizer};
 use crate::generate::{generate, SamplingOptions};
+use crate::model::cuda::{CudaModel, Precision};
 use crate::model::Model;
 use crate::score::{score_pairs, score_sequences, SeqScore};
 use crate::train::CpuEngine;
+use crate::Device;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -66,14 +75,22 @@ pub struct Evaluator {
     heldout: [Vec<DpoExample>; 2],
     base_pairs: [PairScores; 2],
     sampling: SamplingOptions,
+    device: Device,
     eos: u32,
     pad: u32,
 }
 
 impl Evaluator {
     /// Loads the base model and tokenizer from `base_dir` and the held-out pair files
-    /// `[mixed, base-only]`; `samples_per_topic` prompts per topic, sampled with `seed`.
-    pub fn new(base_dir: &Path, heldout: [&Path; 2], samples_per_topic: usize, seed: u64) -> Result<Self> {
+    /// `[mixed, base-only]`; `samples_per_topic` prompts per topic, sampled with `seed` on
+    /// `device` (see the module docs for what runs where).
+    pub fn new(
+        base_dir: &Path,
+        heldout: [&Path; 2],
+        samples_per_topic: usize,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
         let tok = Tokenizer::from_dir(base_dir)?;
         let mut base = CpuEngine::load(base_dir)?;
         let eos = tok.eos().context("the study tokenizer has no eos token")?.id;
@@ -110,6 +127,7 @@ impl Evaluator {
                 max_new_tokens: task::MAX_RESPONSE_TOKENS + 4,
                 seed,
             },
+            device,
             eos,
             pad,
         })
@@ -143,9 +161,17 @@ impl Evaluator {
         &self.base_pairs
     }
 
-    /// Samples from `policy` and measures it (KL against the base model).
+    /// Samples from `policy` on the evaluator's device and measures it (KL against the base
+    /// model, scored on the CPU).
     pub fn policy(&mut self, policy: &Model) -> Result<PolicyEval> {
-        let samples = generate(policy, &self.prompts, &[self.eos], &self.sampling)?;
+        let stop = [self.eos];
+        let samples = match self.device {
+            Device::Cpu => generate(policy, &self.prompts, &stop, &self.sampling)?,
+            Device::Cuda(n) => {
+                let gpu = CudaModel::new(policy, n, Precision::F32).context("uploading the policy to sample it")?;
+                generate(&gpu, &self.prompts, &stop, &self.sampling)?
+            }
+        };
         let mut rewards = Vec::with_capacity(samples.len());
         let (mut errors, mut tokens) = (0usize, 0usize);
         let mut seqs = Vec::with_capacity(samples.len());

@@ -248,9 +248,10 @@ impl StudyConfig {
     }
 }
 
-/// Runs the study into `out` (one `seed-<s>/` folder per seed), training on `device` and
-/// sampling on the CPU, calling `note` at every stage, and returns what it measured. Also writes `implicit_rewards.html`: the first seed's default
-/// SFT model against the base model on held-out pairs, token by token.
+/// Runs the study into `out` (one `seed-<s>/` folder per seed), training and sampling on
+/// `device` (scoring on the CPU, see [`evaluate`]), calling `note` at every stage, and returns
+/// what it measured. Also writes `implicit_rewards.html`: the first seed's default SFT model
+/// against the base model on held-out pairs, token by token.
 pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&str)) -> Result<StudyResults> {
     cfg.validate()?;
     let (mut baselines, mut runs) = (Vec::new(), Vec::new());
@@ -263,6 +264,7 @@ pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&
             [&models.files.heldout, &models.files.heldout_base],
             cfg.samples_per_topic,
             seed,
+            device,
         )?;
         baselines.push(SeedBaseline {
             seed,

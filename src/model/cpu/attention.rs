@@ -214,3 +214,64 @@ pub fn forward_cached(q: &[f32], k_cache: &[f32], v_cache: &[f32], rows: &Cached
             }
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::{decode_cpu, DecodeShape};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The op twin the CUDA decode kernel is checked against computes bitwise what this engine's
+    /// cached attention computes: GQA, ragged rows of several sequences in one call, a one-row
+    /// call, and sliding windows shorter and longer than the rows' histories.
+    #[test]
+    fn decode_op_twin_is_the_engines_cached_attention() {
+        let (batch, cap, heads, kv_heads, head_dim) = (3, 9, 4, 2, 6);
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect() };
+        let kvw = kv_heads * head_dim;
+        let (k, v) = (randn(batch * cap * kvw), randn(batch * cap * kvw));
+        let ragged: Vec<(usize, usize)> = (0..5)
+            .map(|t| (0, t))
+            .chain((3..9).map(|t| (2, t)))
+            .chain([(1, 8)])
+            .collect();
+        for rows in [vec![(1, 0)], vec![(2, 8)], ragged] {
+            let q = randn(rows.len() * heads * head_dim);
+            let (seq, pos): (Vec<usize>, Vec<usize>) = rows.iter().copied().unzip();
+            for window in [None, Some(1), Some(3), Some(20)] {
+                let geo = Geometry {
+                    seq_start: &[],
+                    seq_end: &[],
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale: 0.37,
+                    window,
+                };
+                let cached = CachedRows {
+                    seq: &seq,
+                    pos: &pos,
+                    cap,
+                };
+                let mut want = vec![0f32; q.len()];
+                forward_cached(&q, &k, &v, &cached, &geo, &mut want);
+                let shape = DecodeShape {
+                    rows: rows.len(),
+                    batch,
+                    capacity: cap,
+                    heads_q: heads,
+                    heads_kv: kv_heads,
+                    head_dim,
+                    scale: 0.37,
+                    window,
+                };
+                let (seq32, pos32): (Vec<u32>, Vec<u32>) = rows.iter().map(|&(b, t)| (b as u32, t as u32)).unzip();
+                let mut got = vec![f32::NAN; q.len()];
+                decode_cpu(shape, &q, &k, &v, &seq32, &pos32, &mut got).unwrap();
+                assert_eq!(got, want, "{} rows, window {window:?}", rows.len());
+            }
+        }
+    }
+}

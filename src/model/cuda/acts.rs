@@ -34,7 +34,9 @@ pub struct NormActs<T> {
 }
 
 impl<T: GpuElem> NormActs<T> {
-    fn new(s: &Arc<CudaStream>, n: usize, c: usize, layer_norm: bool, what: &str) -> Result<Self> {
+    /// Buffers for `n` rows of width `c` (`mean` only for a LayerNorm); `what` names them in
+    /// allocation errors.
+    pub fn new(s: &Arc<CudaStream>, n: usize, c: usize, layer_norm: bool, what: &str) -> Result<Self> {
         Ok(NormActs {
             out: zeros(s, n * c, what)?,
             mean: if layer_norm { Some(zeros(s, n, what)?) } else { None },
@@ -69,6 +71,30 @@ pub struct LayerActs<T> {
     pub act: CudaSlice<T>,
 }
 
+impl<T: GpuElem> LayerActs<T> {
+    /// One block's buffers for `n` rows and `lse_len` attention statistics (`B·Hq·Tm`; the
+    /// decode path, which saves none, passes 1); `name` (`layer 3`) prefixes allocation errors.
+    pub fn new(s: &Arc<CudaStream>, cfg: &ModelConfig, n: usize, lse_len: usize, name: &str) -> Result<Self> {
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let ln = cfg.arch == Arch::Gpt2;
+        let w = |what: &str| format!("{name} {what}");
+        Ok(LayerActs {
+            n1: NormActs::new(s, n, c, ln, &w("norm 1"))?,
+            q: zeros(s, n * qd, &w("q"))?,
+            k: zeros(s, n * kvd, &w("k"))?,
+            v: zeros(s, n * kvd, &w("v"))?,
+            att: zeros(s, n * qd, &w("attention output"))?,
+            lse: zeros(s, lse_len, &w("attention lse"))?,
+            x_mid: zeros(s, n * c, &w("mid residual"))?,
+            n2: NormActs::new(s, n, c, ln, &w("norm 2"))?,
+            pre: zeros(s, n * i, &w("MLP pre-activation"))?,
+            up: if ln { None } else { Some(zeros(s, n * i, &w("MLP up"))?) },
+            act: zeros(s, n * i, &w("MLP activation"))?,
+        })
+    }
+}
+
 /// Everything a forward saves.
 pub struct Acts<T> {
     /// Residual stream entering block `l` (`resid[L]` leaves the last block), `[N, C]` each.
@@ -95,29 +121,14 @@ impl<T: GpuElem> Acts<T> {
     /// Allocates every saved buffer for `n` rows (`B·Tm`), `r ≥ 1` target rows and `lse_len`
     /// (`B·Hq·Tm`) attention statistics per layer.
     pub fn alloc(s: &Arc<CudaStream>, cfg: &ModelConfig, n: usize, r: usize, lse_len: usize) -> Result<Self> {
-        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let c = cfg.hidden_size;
         let ln = cfg.arch == Arch::Gpt2;
         let resid = (0..=cfg.num_layers)
             .map(|l| zeros(s, n * c, &format!("residual stream {l}")))
             .collect::<Result<_>>()?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            let w = |what: &str| format!("layer {l} {what}");
-            layers.push(LayerActs {
-                n1: NormActs::new(s, n, c, ln, &w("norm 1"))?,
-                q: zeros(s, n * qd, &w("q"))?,
-                k: zeros(s, n * kvd, &w("k"))?,
-                v: zeros(s, n * kvd, &w("v"))?,
-                att: zeros(s, n * qd, &w("attention output"))?,
-                lse: zeros(s, lse_len, &w("attention lse"))?,
-                x_mid: zeros(s, n * c, &w("mid residual"))?,
-                n2: NormActs::new(s, n, c, ln, &w("norm 2"))?,
-                pre: zeros(s, n * i, &w("MLP pre-activation"))?,
-                up: if ln { None } else { Some(zeros(s, n * i, &w("MLP up"))?) },
-                act: zeros(s, n * i, &w("MLP activation"))?,
-            });
-        }
+        let layers = (0..cfg.num_layers)
+            .map(|l| LayerActs::new(s, cfg, n, lse_len, &format!("layer {l}")))
+            .collect::<Result<_>>()?;
         Ok(Acts {
             resid,
             layers,

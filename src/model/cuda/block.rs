@@ -8,6 +8,10 @@
 //!
 //! Gradient conventions match the ops: activation gradients are overwritten, parameter gradients
 //! accumulate into the fp32 buffers (so micro-batches add up).
+//!
+//! Decoding ([`forward_cached`]) runs the same forward with the attention step swapped for one
+//! over a KV cache, exactly as the CPU engine's `forward_with` does: the steps both share live in
+//! one routine, so the two paths cannot drift apart.
 
 use super::acts::{LayerActs, NormActs};
 use super::gemm::{Blas, MatLayout};
@@ -16,8 +20,8 @@ use super::weights::DeviceWeights;
 use crate::device::CudaDevice;
 use crate::model::config::ModelConfig;
 use crate::model::params::{Block, LinearIdx, NormIdx};
-use crate::ops::attention::{self, AttnGradsCuda, AttnShape};
-use crate::ops::{activation as act, norm, rotary};
+use crate::ops::attention::{self, AttnGradsCuda, AttnShape, DecodeShape};
+use crate::ops::{activation as act, norm, rotary, rows};
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
@@ -223,6 +227,7 @@ pub struct BlockSpec {
     o: Proj,
     mlp: Mlp,
     rope: bool,
+    window: Option<usize>,
     layer: usize,
 }
 
@@ -231,6 +236,7 @@ impl BlockSpec {
     pub fn new(cfg: &ModelConfig, block: &Block, layer: usize) -> Self {
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let window = cfg.sliding_window.get(layer).copied().flatten();
         match block {
             Block::Gpt2(b) => BlockSpec {
                 norm1: b.ln_1,
@@ -244,6 +250,7 @@ impl BlockSpec {
                     proj: Proj::conv1d(b.mlp_c_proj, i, c, 0, c),
                 },
                 rope: false,
+                window,
                 layer,
             },
             Block::Llama(b) => BlockSpec {
@@ -259,6 +266,7 @@ impl BlockSpec {
                     down: Proj::linear(b.down, i, c),
                 },
                 rope: true,
+                window,
                 layer,
             },
         }
@@ -270,10 +278,13 @@ impl BlockSpec {
     }
 }
 
-/// LayerNorm (with bias and a saved mean) or RMSNorm of `x` into `o`.
-pub fn norm_forward<T: Act>(ctx: &Ctx, idx: NormIdx, x: &CudaView<T>, o: &mut NormActs<T>) -> Result<()> {
+/// LayerNorm (with bias and a saved mean) or RMSNorm of the `n` rows of `x` into the first `n`
+/// rows of `o` (whose buffers may hold more: the decode scratch is sized for its largest pass).
+pub fn norm_forward<T: Act>(ctx: &Ctx, idx: NormIdx, x: &CudaView<T>, n: usize, o: &mut NormActs<T>) -> Result<()> {
     let (c, eps) = (ctx.cfg.hidden_size, ctx.cfg.norm_eps);
     let w = ctx.w.master[idx.weight].as_view();
+    let out = &mut o.out.slice_mut(0..n * c);
+    let rstd = &mut o.rstd.slice_mut(0..n);
     match (idx.bias, o.mean.as_mut()) {
         (Some(b), Some(mean)) => norm::layernorm_forward_cuda(
             ctx.dev,
@@ -282,19 +293,11 @@ pub fn norm_forward<T: Act>(ctx: &Ctx, idx: NormIdx, x: &CudaView<T>, o: &mut No
             &ctx.w.master[b].as_view(),
             eps,
             c,
-            &mut o.out.as_view_mut(),
-            &mut mean.as_view_mut(),
-            &mut o.rstd.as_view_mut(),
+            out,
+            &mut mean.slice_mut(0..n),
+            rstd,
         ),
-        (None, None) => norm::rmsnorm_forward_cuda(
-            ctx.dev,
-            x,
-            &w,
-            eps,
-            c,
-            &mut o.out.as_view_mut(),
-            &mut o.rstd.as_view_mut(),
-        ),
+        (None, None) => norm::rmsnorm_forward_cuda(ctx.dev, x, &w, eps, c, out, rstd),
         _ => bail!("norm: a LayerNorm needs a bias and a saved mean, an RMSNorm neither"),
     }
 }
@@ -355,17 +358,23 @@ pub fn norm_backward<T: Act>(
     }
 }
 
-fn rotate<T: Act>(ctx: &Ctx, geo: &Geo, q: &mut CudaSlice<T>, k: &mut CudaSlice<T>, inverse: bool) -> Result<()> {
+/// Rotates the `[n, Hq·D]` queries and `[n, Hkv·D]` keys to the rows' positions `pos` (or back).
+fn rotate<T: Act>(
+    ctx: &Ctx,
+    pos: &CudaView<u32>,
+    q: &mut CudaViewMut<T>,
+    k: &mut CudaViewMut<T>,
+    inverse: bool,
+) -> Result<()> {
     let cfg = ctx.cfg;
     let Some(inv) = ctx.inv_freq else {
         bail!("rotary: this model has no rotary table");
     };
-    let (mut qv, mut kv) = (q.as_view_mut(), k.as_view_mut());
     let (hq, hk, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     if inverse {
-        rotary::backward_cuda(ctx.dev, &mut qv, &mut kv, &geo.pos, &inv.as_view(), hq, hk, d)
+        rotary::backward_cuda(ctx.dev, q, k, pos, &inv.as_view(), hq, hk, d)
     } else {
-        rotary::forward_cuda(ctx.dev, &mut qv, &mut kv, &geo.pos, &inv.as_view(), hq, hk, d)
+        rotary::forward_cuda(ctx.dev, q, k, pos, &inv.as_view(), hq, hk, d)
     }
 }
 
@@ -378,47 +387,144 @@ pub fn forward<T: Act>(
     a: &mut LayerActs<T>,
     x_out: &mut CudaViewMut<T>,
 ) -> Result<()> {
-    let n = geo.pos.len();
-    norm_forward(ctx, spec.norm1, x_in, &mut a.n1)?;
-    let h = a.n1.out.as_view();
-    spec.q.forward(ctx, &spec.name("q"), &h, n, &mut a.q.as_view_mut())?;
-    spec.k.forward(ctx, &spec.name("k"), &h, n, &mut a.k.as_view_mut())?;
-    spec.v.forward(ctx, &spec.name("v"), &h, n, &mut a.v.as_view_mut())?;
+    // The training buffers hold exactly the batch's N rows, so whole views are the N rows.
+    forward_with(ctx, spec, &geo.pos, x_in, a, x_out, |a| {
+        attention::forward_cuda(
+            ctx.dev,
+            geo.shape,
+            &a.q.as_view(),
+            &a.k.as_view(),
+            &a.v.as_view(),
+            &geo.lengths,
+            &mut a.att.as_view_mut(),
+            &mut a.lse.as_view_mut(),
+        )
+    })
+}
+
+/// One layer's key/value cache for incremental decoding: `[B·cap, Hkv·D]` each in the activation
+/// type, slot `b·cap + t` holding the rotated key and the value of token `t` of sequence `b`.
+pub struct LayerCache<T> {
+    /// Keys (after rotary).
+    pub k: CudaSlice<T>,
+    /// Values.
+    pub v: CudaSlice<T>,
+}
+
+/// Where the `m` new rows of one decoding pass sit in the KV cache, on the device. The host
+/// built and checked them (`seq < B`, `pos < cap`, distinct slots), as the row kernels require.
+pub struct CachedRows<'a> {
+    /// `[m]` sequence of each row.
+    pub seq: CudaView<'a, u32>,
+    /// `[m]` position of each row in its sequence (its rotary angle and its last key).
+    pub pos: CudaView<'a, u32>,
+    /// `[m]` cache slot `seq·cap + pos` of each row, distinct.
+    pub slots: CudaView<'a, u32>,
+    /// Sequences `B` in the cache.
+    pub batch: usize,
+    /// Slots per sequence `cap`.
+    pub capacity: usize,
+}
+
+/// `x_out = block(x_in)` for `m` new rows of already-started sequences: their keys and values are
+/// written into `cache` at their slots, then each row attends over its own sequence's cache (GQA,
+/// the layer's sliding window). `a` is scratch holding at least `m` rows; the first `m` are used.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached<T: Act>(
+    ctx: &Ctx,
+    spec: &BlockSpec,
+    at: &CachedRows,
+    cache: &mut LayerCache<T>,
+    x_in: &CudaView<T>,
+    a: &mut LayerActs<T>,
+    x_out: &mut CudaViewMut<T>,
+) -> Result<()> {
+    let cfg = ctx.cfg;
+    let m = at.pos.len();
+    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let shape = DecodeShape {
+        rows: m,
+        batch: at.batch,
+        capacity: at.capacity,
+        heads_q: cfg.num_heads,
+        heads_kv: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        scale: cfg.attn_scale,
+        window: spec.window,
+    };
+    forward_with(ctx, spec, &at.pos, x_in, a, x_out, |a| {
+        let (k_new, v_new) = (a.k.slice(0..m * kvd), a.v.slice(0..m * kvd));
+        rows::scatter_cuda(ctx.dev, &k_new, &at.slots, kvd, &mut cache.k.as_view_mut())?;
+        rows::scatter_cuda(ctx.dev, &v_new, &at.slots, kvd, &mut cache.v.as_view_mut())?;
+        attention::decode_cuda(
+            ctx.dev,
+            shape,
+            &a.q.slice(0..m * qd),
+            &cache.k.as_view(),
+            &cache.v.as_view(),
+            &at.seq,
+            &at.pos,
+            &mut a.att.slice_mut(0..m * qd),
+        )
+    })
+}
+
+/// The block with the attention step supplied by the caller, over the `n = pos.len()` rows of
+/// `x_in`: `attend` reads the first `n` rows of `a.q`/`a.k`/`a.v` (rotated) and writes the first
+/// `n` of `a.att`. Everything else is shared by the training and decoding paths; buffers of `a`
+/// may hold more than `n` rows (only the first `n` are touched).
+fn forward_with<T: Act>(
+    ctx: &Ctx,
+    spec: &BlockSpec,
+    pos: &CudaView<u32>,
+    x_in: &CudaView<T>,
+    a: &mut LayerActs<T>,
+    x_out: &mut CudaViewMut<T>,
+    attend: impl FnOnce(&mut LayerActs<T>) -> Result<()>,
+) -> Result<()> {
+    let cfg = ctx.cfg;
+    let n = pos.len();
+    let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    norm_forward(ctx, spec.norm1, x_in, n, &mut a.n1)?;
+    let h = a.n1.out.slice(0..n * c);
+    spec.q
+        .forward(ctx, &spec.name("q"), &h, n, &mut a.q.slice_mut(0..n * qd))?;
+    spec.k
+        .forward(ctx, &spec.name("k"), &h, n, &mut a.k.slice_mut(0..n * kvd))?;
+    spec.v
+        .forward(ctx, &spec.name("v"), &h, n, &mut a.v.slice_mut(0..n * kvd))?;
     if spec.rope {
-        rotate(ctx, geo, &mut a.q, &mut a.k, false)?;
+        let (mut q, mut k) = (a.q.slice_mut(0..n * qd), a.k.slice_mut(0..n * kvd));
+        rotate(ctx, pos, &mut q, &mut k, false)?;
     }
-    attention::forward_cuda(
-        ctx.dev,
-        geo.shape,
-        &a.q.as_view(),
-        &a.k.as_view(),
-        &a.v.as_view(),
-        &geo.lengths,
-        &mut a.att.as_view_mut(),
-        &mut a.lse.as_view_mut(),
-    )?;
+    attend(a)?;
+    let mut x_mid = a.x_mid.slice_mut(0..n * c);
     spec.o
-        .forward(ctx, &spec.name("o"), &a.att.as_view(), n, &mut a.x_mid.as_view_mut())?;
-    act::residual_add_cuda(ctx.dev, &mut a.x_mid.as_view_mut(), x_in)?;
-    norm_forward(ctx, spec.norm2, &a.x_mid.as_view(), &mut a.n2)?;
-    let m = a.n2.out.as_view();
+        .forward(ctx, &spec.name("o"), &a.att.slice(0..n * qd), n, &mut x_mid)?;
+    act::residual_add_cuda(ctx.dev, &mut x_mid, x_in)?;
+    let x_mid = a.x_mid.slice(0..n * c);
+    norm_forward(ctx, spec.norm2, &x_mid, n, &mut a.n2)?;
+    let mo = a.n2.out.slice(0..n * c);
+    let (mut pre, mut hid) = (a.pre.slice_mut(0..n * i), a.act.slice_mut(0..n * i));
     match spec.mlp {
         Mlp::Gelu { fc, proj } => {
-            fc.forward(ctx, &spec.name("mlp fc"), &m, n, &mut a.pre.as_view_mut())?;
-            act::gelu_forward_cuda(ctx.dev, &a.pre.as_view(), &mut a.act.as_view_mut())?;
-            proj.forward(ctx, &spec.name("mlp proj"), &a.act.as_view(), n, x_out)?;
+            fc.forward(ctx, &spec.name("mlp fc"), &mo, n, &mut pre)?;
+            act::gelu_forward_cuda(ctx.dev, &pre.as_view(), &mut hid)?;
+            proj.forward(ctx, &spec.name("mlp proj"), &hid.as_view(), n, x_out)?;
         }
         Mlp::SwiGlu { gate, up, down } => {
             let Some(upb) = a.up.as_mut() else {
                 bail!("SwiGLU block without an up-projection buffer");
             };
-            gate.forward(ctx, &spec.name("mlp gate"), &m, n, &mut a.pre.as_view_mut())?;
-            up.forward(ctx, &spec.name("mlp up"), &m, n, &mut upb.as_view_mut())?;
-            act::swiglu_forward_cuda(ctx.dev, &a.pre.as_view(), &upb.as_view(), &mut a.act.as_view_mut())?;
-            down.forward(ctx, &spec.name("mlp down"), &a.act.as_view(), n, x_out)?;
+            let mut upv = upb.slice_mut(0..n * i);
+            gate.forward(ctx, &spec.name("mlp gate"), &mo, n, &mut pre)?;
+            up.forward(ctx, &spec.name("mlp up"), &mo, n, &mut upv)?;
+            act::swiglu_forward_cuda(ctx.dev, &pre.as_view(), &upv.as_view(), &mut hid)?;
+            down.forward(ctx, &spec.name("mlp down"), &hid.as_view(), n, x_out)?;
         }
     }
-    act::residual_add_cuda(ctx.dev, x_out, &a.x_mid.as_view())
+    act::residual_add_cuda(ctx.dev, x_out, &x_mid)
 }
 
 /// Backward working set shared by every block, `N` rows.
@@ -574,7 +680,7 @@ pub fn backward<T: Act>(
         )?;
     }
     if spec.rope {
-        rotate(ctx, geo, &mut s.dq, &mut s.dk, true)?;
+        rotate(ctx, &geo.pos, &mut s.dq.as_view_mut(), &mut s.dk.as_view_mut(), true)?;
     }
     let h = a.n1.out.as_view();
     spec.q.backward(

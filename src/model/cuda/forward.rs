@@ -63,6 +63,7 @@ fn trunk<T: Act>(ctx: &Ctx, layout: &Layout, p: &BatchPlan, db: &DeviceBatch, ac
         ctx,
         layout.final_norm,
         &acts.resid[cfg.num_layers].as_view(),
+        p.rows(),
         &mut acts.fin,
     )
     .context("final norm")

@@ -15,13 +15,13 @@
 
 use super::acts::{zeros, Acts};
 use super::block::Ctx;
-use super::gemm::MatLayout;
+use super::gemm::{GemmElem, MatLayout};
 use super::plan::DeviceBatch;
 use super::precision::Act;
 use crate::ops::logsoftmax::{self, CudaForwardOut};
 use crate::ops::rows;
 use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 /// The head's shape: `V`, `C`, the head weight's index, and the chunk (rows at once).
 #[derive(Clone, Copy, Debug)]
@@ -173,18 +173,39 @@ pub fn backward<T: Act>(
 /// Logits of every one of the `n` rows of `hidden` (`[n, C]` → `[n, V]`): the unchunked path,
 /// for tests and comparisons (memory `n·V`).
 pub fn full_logits<T: Act>(ctx: &Ctx, spec: &HeadSpec, hidden: &CudaSlice<T>, n: usize) -> Result<CudaSlice<T>> {
+    let mut out = zeros::<T>(ctx.dev.stream(), n * spec.vocab, "full logits")?;
+    logits_into(
+        ctx,
+        spec,
+        "LM head (full logits)",
+        &hidden.as_view(),
+        n,
+        &mut out.as_view_mut(),
+    )?;
+    Ok(out)
+}
+
+/// `out[n, V] = hidden[n, C]·Wᵀ` into a caller-owned view, stored as the activation type or as
+/// f32 (cuBLAS accumulates in f32 either way; decoding asks for f32 so bf16 logits are not
+/// rounded before they reach the sampler).
+pub fn logits_into<T: Act, O: GemmElem>(
+    ctx: &Ctx,
+    spec: &HeadSpec,
+    what: &str,
+    hidden: &CudaView<T>,
+    n: usize,
+    out: &mut CudaViewMut<O>,
+) -> Result<()> {
     let (c, v) = (spec.hidden, spec.vocab);
-    let mut out = zeros::<T>(ctx.dev.stream(), n * v, "full logits")?;
     let w = T::matrix(ctx.w, spec.weight)?;
     ctx.blas.matmul(
-        "LM head (full logits)",
-        &mut out.as_view_mut(),
+        what,
+        out,
         MatLayout::rm(n, v),
-        &hidden.as_view(),
+        hidden,
         MatLayout::rm(n, c),
         &w,
         MatLayout::rm(v, c).t(),
         false,
-    )?;
-    Ok(out)
+    )
 }

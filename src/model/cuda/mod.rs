@@ -11,6 +11,8 @@
 //! - [`block`]: one transformer block, forward and backward.
 //! - [`head`]: the chunked LM head (logits never exist for the whole batch).
 //! - `forward.rs`, `backward.rs`, `optim.rs`: the passes, and gradients/AdamW on the device.
+//! - [`decode`]: the KV cache and incremental forward that sampling runs on
+//!   ([`crate::generate::Decoder`]).
 //!
 //! Like the CPU engine, [`CudaModel::forward`] returns per-token outputs on the host (in the
 //! caller's `[B, T]` layout) plus the saved device state, and [`CudaModel::backward`] takes
@@ -19,11 +21,13 @@
 //! Restrictions (checked with plain errors, never a panic): `head_dim ≤ 128`; the attention
 //! scale must be `1/√head_dim` (no GPT-2 `scale_attn_weights = false` or
 //! `scale_attn_by_inverse_layer_idx`); a sliding window must not be shorter than the batch's
-//! longest row (the kernels have no window mask); `batch × heads ≤ 65535`.
+//! longest row (the training kernels have no window mask; decoding applies windows); `batch ×
+//! heads ≤ 65535`.
 
 pub mod acts;
 mod backward;
 pub mod block;
+pub mod decode;
 mod forward;
 pub mod gemm;
 pub mod head;
@@ -32,6 +36,7 @@ pub mod plan;
 pub mod precision;
 pub mod weights;
 
+pub use decode::{CudaKvCache, DEFAULT_CUDA_DECODE_ROWS};
 pub use optim::Moments;
 pub use precision::Precision;
 
@@ -71,6 +76,7 @@ pub struct CudaModel {
     grads: Option<Vec<CudaSlice<f32>>>,
     inv_freq: Option<CudaSlice<f32>>,
     lm_head_chunk: usize,
+    decode_rows: usize,
 }
 
 impl std::fmt::Debug for CudaModel {
@@ -144,6 +150,7 @@ impl CudaModel {
             grads: None,
             inv_freq,
             lm_head_chunk: DEFAULT_CUDA_LM_HEAD_CHUNK,
+            decode_rows: DEFAULT_CUDA_DECODE_ROWS,
         })
     }
 
