@@ -3,26 +3,10 @@
 
 mod common;
 
+use common::{arg, assert_clean_error, irbridge, temp_dir};
+
 use serde_json::Value;
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge"))
-        .args(args)
-        .output()
-        .expect("running irbridge")
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("irbridge-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::process::Output;
 
 fn expected(name: &str) -> Value {
     let p = common::fixtures().join("e2e").join(name);
@@ -45,13 +29,13 @@ fn lines(out: &Output) -> Vec<Value> {
 #[test]
 fn logps_reproduces_the_dpo_goldens_row_by_row() {
     let f = common::fixtures();
-    let data = path(&f.join("e2e/dpo_input.jsonl"));
+    let data = arg(&f.join("e2e/dpo_input.jsonl"));
     let want = expected("dpo_expected.json");
     for (model, key) in [("tiny-gpt2", "policy"), ("tiny-llama", "ref")] {
         let out = irbridge(&[
             "logps",
             "--model",
-            &path(&f.join("models").join(model)),
+            &arg(&f.join("models").join(model)),
             "--data",
             &data,
             "--max-length",
@@ -87,13 +71,13 @@ fn logps_reproduces_the_sft_goldens_and_writes_the_output_file() {
     let out = irbridge(&[
         "logps",
         "--model",
-        &path(&f.join("models/tiny-gpt2")),
+        &arg(&f.join("models/tiny-gpt2")),
         "--data",
-        &path(&f.join("e2e/sft_input.jsonl")),
+        &arg(&f.join("e2e/sft_input.jsonl")),
         "--max-length",
         "256",
         "--output",
-        &path(&out_file),
+        &arg(&out_file),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.is_empty(), "--output keeps stdout empty");
@@ -129,11 +113,11 @@ fn eval_reproduces_the_dpo_aggregate() {
     let out = irbridge(&[
         "eval",
         "--policy",
-        &path(&f.join("models/tiny-gpt2")),
+        &arg(&f.join("models/tiny-gpt2")),
         "--ref",
-        &path(&f.join("models/tiny-llama")),
+        &arg(&f.join("models/tiny-llama")),
         "--data",
-        &path(&f.join("e2e/dpo_input.jsonl")),
+        &arg(&f.join("e2e/dpo_input.jsonl")),
         "--max-length",
         "256",
         "--beta",
@@ -159,24 +143,10 @@ fn eval_reproduces_the_dpo_aggregate() {
     }
 }
 
-/// Exit code 1, exactly one `error:` line naming the culprit, no panic, no output file.
-fn assert_clean_error(out: &Output, mentions: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(error_lines.len(), 1, "stderr: {err}");
-    assert!(
-        error_lines[0].contains(mentions),
-        "`{}` should mention `{mentions}`",
-        error_lines[0]
-    );
-}
-
 #[test]
 fn bad_inputs_fail_with_one_clear_line() {
     let f = common::fixtures();
-    let model = path(&f.join("models/tiny-gpt2"));
+    let model = arg(&f.join("models/tiny-gpt2"));
     let dir = temp_dir("bad");
     let bad = dir.join("bad.jsonl");
     std::fs::write(
@@ -190,20 +160,20 @@ fn bad_inputs_fail_with_one_clear_line() {
         "--model",
         &model,
         "--data",
-        &path(&bad),
+        &arg(&bad),
         "--max-length",
         "256",
         "--output",
-        &path(&out_file),
+        &arg(&out_file),
     ]);
     assert_clean_error(&out, "bad.jsonl:2");
     assert!(!out_file.exists(), "no output after an error");
 
     let missing = dir.join("no-such-model");
-    let out = irbridge(&["logps", "--model", &path(&missing), "--data", &path(&bad)]);
+    let out = irbridge(&["logps", "--model", &arg(&missing), "--data", &arg(&bad)]);
     assert_clean_error(&out, "no-such-model");
 
-    let sft = path(&f.join("e2e/sft_input.jsonl"));
+    let sft = arg(&f.join("e2e/sft_input.jsonl"));
     let out = irbridge(&[
         "eval",
         "--policy",
@@ -217,7 +187,7 @@ fn bad_inputs_fail_with_one_clear_line() {
     ]);
     assert_clean_error(&out, "preference rows");
 
-    let dpo = path(&f.join("e2e/dpo_input.jsonl"));
+    let dpo = arg(&f.join("e2e/dpo_input.jsonl"));
     let out = irbridge(&[
         "eval",
         "--policy",
@@ -239,7 +209,7 @@ fn bad_inputs_fail_with_one_clear_line() {
 fn max_length_beyond_learned_positions_names_the_flag() {
     let model = common::fixtures().join("models/tiny-gpt2");
     let data = common::fixtures().join("e2e/dpo_input.jsonl");
-    let out = irbridge(&["logps", "--model", &path(&model), "--data", &path(&data)]);
+    let out = irbridge(&["logps", "--model", &arg(&model), "--data", &arg(&data)]);
     assert_clean_error(&out, "pass --max-length 256 or less");
 }
 
@@ -249,12 +219,12 @@ fn max_length_beyond_learned_positions_names_the_flag() {
 #[test]
 fn logps_per_token_sums_to_the_sequence_logp() {
     let f = common::fixtures();
-    let model = path(&f.join("models/tiny-gpt2"));
+    let model = arg(&f.join("models/tiny-gpt2"));
     for (data, prefixes) in [
         ("e2e/sft_input.jsonl", &["completion"][..]),
         ("e2e/dpo_input.jsonl", &["chosen", "rejected"][..]),
     ] {
-        let data = path(&f.join(data));
+        let data = arg(&f.join(data));
         let plain = lines(&irbridge(&[
             "logps",
             "--model",

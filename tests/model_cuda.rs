@@ -8,14 +8,15 @@
 
 mod common;
 
+use common::{arg, assert_clean_error, irbridge};
+
 use common::{assert_close, fixtures, load_goldens, skip_without_gpu, Golden};
 use irbridge::model::cuda::{CudaForward, CudaModel, Precision};
 use irbridge::model::{Batch, Grads, Model, Tensors};
 use irbridge::ops::adamw::AdamWStep;
 use irbridge::train::{CpuEngine, CudaEngine, Engine, TokenOutputs};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
 const MODELS: [&str; 3] = ["tiny-gpt2", "tiny-llama", "tiny-qwen2"];
 
@@ -437,38 +438,13 @@ fn unsupported_configs_and_missing_gpus_are_plain_errors() {
     }
 }
 
-fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge"))
-        .args(args)
-        .output()
-        .expect("running irbridge")
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// Exit code 1 and exactly one `error:` line containing `mentions`, no panic.
-fn assert_clean_error(out: &Output, mentions: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "stderr: {err}");
-    assert!(
-        lines[0].contains(mentions),
-        "`{}` should mention `{mentions}`",
-        lines[0]
-    );
-}
-
 /// `--device cuda` on `logps`, `eval` and `train`: without a GPU one clear line naming the
 /// reason (and nothing written); with one, `logps` on the GPU reproduces the TRL goldens.
 #[test]
 fn cli_device_cuda_fails_cleanly_without_a_gpu_and_scores_with_one() {
     let f = fixtures();
-    let model = path(&model_dir("tiny-gpt2"));
-    let data = path(&f.join("e2e/dpo_input.jsonl"));
+    let model = arg(&model_dir("tiny-gpt2"));
+    let data = arg(&f.join("e2e/dpo_input.jsonl"));
     let out = irbridge(&[
         "logps",
         "--model",
@@ -514,7 +490,7 @@ fn cli_device_cuda_fails_cleanly_without_a_gpu_and_scores_with_one() {
             assert_clean_error(&out, &why);
             let dir = TempDir::new("cli-train");
             let out_dir = dir.0.join("run");
-            let sft = path(&f.join("e2e/sft_input.jsonl"));
+            let sft = arg(&f.join("e2e/sft_input.jsonl"));
             let out = irbridge(&[
                 "train",
                 "sft",
@@ -523,7 +499,7 @@ fn cli_device_cuda_fails_cleanly_without_a_gpu_and_scores_with_one() {
                 "--data",
                 &sft,
                 "--output-dir",
-                &path(&out_dir),
+                &arg(&out_dir),
                 "--max-length",
                 "256",
                 "--device",
@@ -573,7 +549,7 @@ fn cli_device_cuda_fails_cleanly_without_a_gpu_and_scores_with_one() {
 /// f32 starts with the CPU's token and bf16 samples the requested number of tokens.
 #[test]
 fn cli_generate_device_cuda_fails_cleanly_without_a_gpu_and_samples_with_one() {
-    let model = path(&model_dir("tiny-llama"));
+    let model = arg(&model_dir("tiny-llama"));
     let run = |extra: &[&str]| {
         let mut args = vec![
             "generate",

@@ -1,22 +1,12 @@
 //! `irbridge plot` through the built binary: series per (run, key), null values skipped, and
 //! one clear error line (file and line, or the missing key) with no chart written on bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge"))
-        .args(args)
-        .output()
-        .expect("running irbridge")
-}
+use common::{irbridge, temp_dir};
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("irbridge-plot-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::Path;
+use std::process::Output;
 
 /// Writes `run/metrics.jsonl` under `dir`.
 fn metrics_file(dir: &Path, run: &str, text: &str) -> String {

@@ -4,27 +4,11 @@
 
 mod common;
 
+use common::{arg, irbridge, temp_dir};
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge"))
-        .args(args)
-        .output()
-        .expect("running irbridge")
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("irbridge-study-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use std::process::Output;
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -79,7 +63,7 @@ fn demo_is_deterministic_and_writes_its_outputs() {
     let tmp = temp_dir("demo");
     let cfg = tiny_config(&tmp);
     let (a, b) = (tmp.join("a"), tmp.join("b"));
-    let out_a = ok(&irbridge(&["demo", "--config", &s(&cfg), "--output-dir", &s(&a)]));
+    let out_a = ok(&irbridge(&["demo", "--config", &arg(&cfg), "--output-dir", &arg(&a)]));
     assert!(
         out_a.contains("| SFT arm |") && out_a.contains("pearson_chi2, lr×0.5"),
         "{out_a}"
@@ -100,8 +84,8 @@ fn demo_is_deterministic_and_writes_its_outputs() {
         assert!(a.join(f).is_file(), "{f} missing");
     }
     // Twice into another folder, the second time over the first demo: same table, same numbers.
-    ok(&irbridge(&["demo", "--config", &s(&cfg), "--output-dir", &s(&b)]));
-    ok(&irbridge(&["demo", "--config", &s(&cfg), "--output-dir", &s(&b)]));
+    ok(&irbridge(&["demo", "--config", &arg(&cfg), "--output-dir", &arg(&b)]));
+    ok(&irbridge(&["demo", "--config", &arg(&cfg), "--output-dir", &arg(&b)]));
     let md = |d: &Path| std::fs::read_to_string(d.join("results.md")).unwrap();
     assert_eq!(md(&a), md(&b));
     assert_eq!(results_without_paths(&a), results_without_paths(&b));
@@ -110,9 +94,9 @@ fn demo_is_deterministic_and_writes_its_outputs() {
     ok(&irbridge(&[
         "demo",
         "--config",
-        &s(&a.join("study.json")),
+        &arg(&a.join("study.json")),
         "--output-dir",
-        &s(&c),
+        &arg(&c),
     ]));
     assert_eq!(md(&a), md(&c));
     // Sanity of what was measured: DPO at step 0 is ln 2 with policy == reference.
@@ -147,24 +131,24 @@ fn demo_refuses_foreign_folders_and_bad_configs() {
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
     one_line_error(
-        &irbridge(&["demo", "--output-dir", &s(&foreign)]),
+        &irbridge(&["demo", "--output-dir", &arg(&foreign)]),
         "not an earlier demo",
     );
     assert!(foreign.join("notes.txt").is_file(), "nothing was removed");
     let bad = tmp.join("bad.json");
     std::fs::write(&bad, "{\n  \"seeds\": [1],\n  \"sft_lr\": 3\n}\n").unwrap();
     one_line_error(
-        &irbridge(&["demo", "--config", &s(&bad), "--output-dir", &s(&tmp.join("x"))]),
+        &irbridge(&["demo", "--config", &arg(&bad), "--output-dir", &arg(&tmp.join("x"))]),
         "bad.json:3",
     );
     std::fs::write(&bad, "{\"arms\": [{\"sft_loss\": \"kl\", \"lr_factor\": 1}]}").unwrap();
     one_line_error(
-        &irbridge(&["demo", "--config", &s(&bad), "--output-dir", &s(&tmp.join("x"))]),
+        &irbridge(&["demo", "--config", &arg(&bad), "--output-dir", &arg(&tmp.join("x"))]),
         "arms[0].sft_loss",
     );
     std::fs::write(&bad, "{\"seeds\": []}").unwrap();
     one_line_error(
-        &irbridge(&["demo", "--config", &s(&bad), "--output-dir", &s(&tmp.join("x"))]),
+        &irbridge(&["demo", "--config", &arg(&bad), "--output-dir", &arg(&tmp.join("x"))]),
         "seeds",
     );
     assert!(!tmp.join("x").exists(), "a bad config writes nothing");
@@ -172,7 +156,7 @@ fn demo_refuses_foreign_folders_and_bad_configs() {
 }
 
 fn model(name: &str) -> String {
-    s(&common::fixtures().join("models").join(name))
+    arg(&common::fixtures().join("models").join(name))
 }
 
 #[test]
@@ -241,7 +225,7 @@ fn generate_samples_reproducibly_and_rejects_bad_flags() {
 #[test]
 fn analyze_reports_token_rewards_and_ranking() {
     let tmp = temp_dir("analyze");
-    let data = s(&common::fixtures().join("e2e/dpo_input.jsonl"));
+    let data = arg(&common::fixtures().join("e2e/dpo_input.jsonl"));
     let (gpt2, llama) = (model("tiny-gpt2"), model("tiny-llama"));
     let run = |policy: &str, reference: &str, out: &Path| {
         let o = irbridge(&[
@@ -255,7 +239,7 @@ fn analyze_reports_token_rewards_and_ranking() {
             "--max-length",
             "128",
             "--output-dir",
-            &s(out),
+            &arg(out),
         ]);
         serde_json::from_str::<Value>(ok(&o).trim()).unwrap()
     };
@@ -301,11 +285,11 @@ fn analyze_reports_token_rewards_and_ranking() {
         "--ref",
         &gpt2,
         "--data",
-        &s(&common::fixtures().join("e2e/sft_input.jsonl")),
+        &arg(&common::fixtures().join("e2e/sft_input.jsonl")),
         "--max-length",
         "128",
         "--output-dir",
-        &s(&tmp.join("sft")),
+        &arg(&tmp.join("sft")),
     ]);
     let v: Value = serde_json::from_str(ok(&sft).trim()).unwrap();
     assert!(v["sequences"].as_u64().unwrap() > 0);

@@ -6,6 +6,8 @@
 //! folder under the system temp dir.
 mod common;
 
+use common::{arg, irbridge};
+
 use irbridge::data::{read_records, tokenize_dpo, tokenize_sft, TokenizeOptions, TokenizedSeq, Tokenizer};
 use irbridge::model::Model;
 use irbridge::train::dpo::{DpoTask, PairSeqs, RefSource};
@@ -14,7 +16,7 @@ use irbridge::train::trainer::Task;
 use irbridge::train::{self, CpuEngine, Engine, Kind, RunOptions, TrainConfig};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 // ---------------------------------------------------------------- helpers
 
@@ -156,17 +158,6 @@ fn assert_rel(what: &str, got: f64, want: f64, rel: f64) {
         "{what}: got {got}, want {want} (rel {:e} > {rel:e})",
         ((got - want) / want).abs()
     );
-}
-
-fn irbridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_irbridge"))
-        .args(args)
-        .output()
-        .expect("running irbridge")
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
 }
 
 /// Non-zero exit, exactly one `error:` line that mentions every `needle`, no panic.
@@ -520,7 +511,7 @@ fn dpo_resume_reproduces_the_uninterrupted_run_exactly() {
     };
     let live = cfg("live", false);
     let explicit = live.output_dir().join("checkpoint-2");
-    check_exact_resume(&live, 2, 3, &p(&explicit), &|_| 0);
+    check_exact_resume(&live, 2, 3, &arg(&explicit), &|_| 0);
 
     // Resuming must read the cache the first run wrote, not compute and write a new one: the
     // cache file keeps its inode.
@@ -714,7 +705,7 @@ fn refused_resume_leaves_the_output_folder_untouched() {
     let e = run_err(&other);
     assert!(e.contains("resume") && e.contains("seed"), "{e}");
     let mut other = cfg.clone();
-    other.resume_from_checkpoint = Some(p(&out.join("checkpoint-1")));
+    other.resume_from_checkpoint = Some(arg(&out.join("checkpoint-1")));
     let e = run_err(&other);
     assert!(
         e.contains("checkpoint-1") && e.contains("not a complete checkpoint"),
@@ -734,7 +725,7 @@ fn refused_resume_leaves_the_output_folder_untouched() {
 #[test]
 fn config_file_errors_name_the_file_line_and_key() {
     let dir = TempDir::new("config");
-    let model = p(&model_dir());
+    let model = arg(&model_dir());
     let cases: [(&str, &str, &[&str]); 4] = [
         (
             "unknown.toml",
@@ -800,12 +791,12 @@ fn config_file_errors_name_the_file_line_and_key() {
 #[test]
 fn bad_flags_give_one_error_line_and_write_nothing() {
     let dir = TempDir::new("flags");
-    let sft = p(&write(&dir.join("sft.jsonl"), &sft_jsonl(4)));
-    let dpo = p(&write(&dir.join("dpo.jsonl"), &dpo_jsonl(4)));
-    let model = p(&model_dir());
+    let sft = arg(&write(&dir.join("sft.jsonl"), &sft_jsonl(4)));
+    let dpo = arg(&write(&dir.join("dpo.jsonl"), &dpo_jsonl(4)));
+    let model = arg(&model_dir());
     let out = dir.join("out");
-    let unknown_cfg = p(&write(&dir.join("bad.toml"), "max_steps = 2\nwarmup = 3\n"));
-    let missing = p(&dir.join("missing.jsonl"));
+    let unknown_cfg = arg(&write(&dir.join("bad.toml"), "max_steps = 2\nwarmup = 3\n"));
+    let missing = arg(&dir.join("missing.jsonl"));
     let cases: Vec<(&str, &str, Vec<&str>, Vec<&str>)> = vec![
         (
             "sft",
@@ -858,7 +849,7 @@ fn bad_flags_give_one_error_line_and_write_nothing() {
         ("dpo", &missing, vec![], vec!["missing.jsonl"]),
     ];
     for (kind, data, extra, needles) in cases {
-        let o = p(&out);
+        let o = arg(&out);
         let mut args = vec!["train", kind, "--model", &model, "--data", data, "--output-dir", &o];
         if !extra.contains(&"--max-length") {
             args.extend(["--max-length", "32"]);
@@ -910,11 +901,11 @@ fn identical_pairs_after_truncation_are_reported_and_not_trained() {
         "train",
         "dpo",
         "--model",
-        &p(&model_dir()),
+        &arg(&model_dir()),
         "--data",
-        &p(&data),
+        &arg(&data),
         "--output-dir",
-        &p(&dir.join("cli")),
+        &arg(&dir.join("cli")),
         "--max-length",
         "10",
         "--max-steps",

@@ -4,7 +4,8 @@
 use half::bf16;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// `../shared/fixtures` next to the crate root.
 pub fn fixtures() -> PathBuf {
@@ -108,4 +109,39 @@ pub fn skip_without_gpu(test: &str) -> bool {
 pub fn say_skipped(what: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: no GPU ({what})");
+}
+
+/// Runs the `irbridge` binary of this build with `args`.
+pub fn irbridge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_irbridge"))
+        .args(args)
+        .output()
+        .expect("running irbridge")
+}
+
+/// A path as a command-line argument.
+pub fn arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A fresh, empty folder under the system temp dir, unique to `tag` and this process.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("irbridge-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Exit code 1 and exactly one `error:` line on stderr containing `mentions`, no panic.
+pub fn assert_clean_error(out: &Output, mentions: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "stderr: {err}");
+    assert!(
+        lines[0].contains(mentions),
+        "`{}` should mention `{mentions}`",
+        lines[0]
+    );
 }
