@@ -4,7 +4,7 @@
 //! `checkpoint-<step>` directory is always complete; resume only trusts those.
 
 use super::engine::Engine;
-use super::io::{sync_dir, write_atomic};
+use crate::fsutil::{sync_dir, write_atomic};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -18,9 +18,9 @@
 use super::config::TrainConfig;
 use super::data::{to_model_batch, StepPlan};
 use super::engine::{Engine, TokenOutputs};
-use super::io::write_atomic;
 use super::trainer::{StepOut, Task};
 use crate::data::{self, DpoExample, TokenizedSeq};
+use crate::fsutil::write_atomic;
 use crate::ops::logsoftmax::IGNORE_INDEX;
 use crate::ops::prefloss::{pair_loss, Pair, PrefLossConfig};
 use anyhow::{ensure, Context, Result};

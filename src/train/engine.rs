@@ -269,7 +269,7 @@ pub(crate) fn read_moments(path: &Path, specs: &[ParamSpec]) -> Result<(Tensors,
 /// Writes AdamW moments as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`, fp32), atomically.
 pub(crate) fn write_moments(path: &Path, m: &Tensors, v: &Tensors) -> Result<()> {
     let bytes = serialize_moments(m, v)?;
-    crate::train::io::write_atomic(path, &bytes)
+    crate::fsutil::write_atomic(path, &bytes)
 }
 
 fn serialize_moments(m: &Tensors, v: &Tensors) -> Result<Vec<u8>> {

@@ -5,7 +5,7 @@
 //! over the steps; `grad_norm` (before clipping), `learning_rate` (the rate the last step used),
 //! `epoch` and `num_tokens` are the values at the logging step.
 
-use super::io::write_atomic;
+use crate::fsutil::write_atomic;
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;

@@ -8,7 +8,7 @@
 //! - [`schedule`]: `linear` / `cosine` / `constant` with warmup (transformers semantics).
 //! - [`trainer`]: the loop (clipping, schedule, logging, eval, checkpoints, exact resume).
 //! - [`sft`], [`dpo`]: the two objectives and their metrics.
-//! - [`checkpoint`], [`metrics`], [`io`]: outputs, all written atomically.
+//! - [`checkpoint`], [`metrics`]: outputs, all written atomically ([`crate::fsutil`]).
 //! - [`mod@run`]: the entry point the CLI calls.
 //!
 //! Output layout of `output_dir`: `config.toml` (resolved), `metrics.jsonl`,
@@ -22,7 +22,6 @@ pub mod cuda_engine;
 pub mod data;
 pub mod dpo;
 pub mod engine;
-pub mod io;
 pub mod metrics;
 pub mod run;
 pub mod schedule;
