@@ -8,10 +8,10 @@
 //! read and checked before the chart is written: a malformed line names its file and line, a key
 //! no line has names the key, the file and the keys it does have.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Args;
 use irbridge::plot::{Chart, Series};
-use serde_json::{Map, Value};
+use irbridge::train::metrics::MetricsFile;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -38,80 +38,13 @@ pub struct PlotArgs {
     pub labels: Vec<String>,
 }
 
-/// One metrics file, parsed.
-struct Run {
-    path: PathBuf,
-    /// `(1-based line, object)` for every non-blank line.
-    lines: Vec<(usize, Map<String, Value>)>,
-}
-
-impl Run {
-    fn read(path: &Path) -> Result<Run> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut lines = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at = format!("{}:{}", path.display(), i + 1);
-            match serde_json::from_str::<Value>(line) {
-                Ok(Value::Object(o)) => lines.push((i + 1, o)),
-                Ok(_) => bail!("{at}: expected a JSON object per line"),
-                Err(e) => bail!("{at}: malformed JSON at column {}: {e}", e.column()),
-            }
-        }
-        ensure!(!lines.is_empty(), "{}: no metrics lines", path.display());
-        Ok(Run {
-            path: path.to_path_buf(),
-            lines,
-        })
-    }
-
-    /// `(x, y)` of every line that has `key`; `null` becomes NaN, which the chart skips.
-    fn points(&self, x_key: &str, key: &str) -> Result<Vec<(f64, f64)>> {
-        let mut pts = Vec::new();
-        for (line, obj) in &self.lines {
-            let Some(v) = obj.get(key) else { continue };
-            let at = || format!("{}:{line}", self.path.display());
-            let y = match v {
-                Value::Null => f64::NAN,
-                v => v
-                    .as_f64()
-                    .with_context(|| format!("{}: `{key}` is {v}, not a number", at()))?,
-            };
-            let x = match obj.get(x_key) {
-                Some(Value::Null) => f64::NAN,
-                Some(v) => v
-                    .as_f64()
-                    .with_context(|| format!("{}: `{x_key}` is {v}, not a number", at()))?,
-                None => bail!("{}: has `{key}` but no `{x_key}`", at()),
-            };
-            pts.push((x, y));
-        }
-        if pts.is_empty() {
-            let have: BTreeSet<&str> = self
-                .lines
-                .iter()
-                .flat_map(|(_, o)| o.keys().map(String::as_str))
-                .collect();
-            let have: Vec<&str> = have.into_iter().collect();
-            bail!(
-                "{}: no line has the key `{key}` (keys present: {})",
-                self.path.display(),
-                have.join(", ")
-            );
-        }
-        Ok(pts)
-    }
-
-    /// The run's default label: the folder holding the file (`runs/sft/metrics.jsonl` → `sft`).
-    fn default_label(&self) -> String {
-        self.path
-            .parent()
-            .and_then(Path::file_name)
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.path.display().to_string())
-    }
+/// The run's default label: the folder holding the file (`runs/sft/metrics.jsonl` → `sft`).
+fn default_label(run: &MetricsFile) -> String {
+    run.path
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run.path.display().to_string())
 }
 
 /// Reads every file, builds the chart, writes it.
@@ -132,9 +65,13 @@ pub fn run(args: &PlotArgs) -> Result<()> {
         args.labels.len(),
         args.metrics.len()
     );
-    let runs: Vec<Run> = args.metrics.iter().map(|p| Run::read(p)).collect::<Result<_>>()?;
+    let runs: Vec<MetricsFile> = args
+        .metrics
+        .iter()
+        .map(|p| MetricsFile::read(p))
+        .collect::<Result<_>>()?;
     let mut labels: Vec<String> = if args.labels.is_empty() {
-        runs.iter().map(Run::default_label).collect()
+        runs.iter().map(default_label).collect()
     } else {
         args.labels.clone()
     };

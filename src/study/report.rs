@@ -5,7 +5,8 @@ use super::evaluate::PolicyEval;
 use super::StudyConfig;
 use crate::fsutil::write_atomic;
 use crate::plot::{Chart, Series, Style};
-use anyhow::{Context, Result};
+use crate::train::metrics::{MetricsFile, METRICS_FILE};
+use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -199,7 +200,7 @@ impl StudyResults {
         let first = self.config.seeds.first().copied();
         for r in self.runs.iter().filter(|r| Some(r.seed) == first) {
             let dir = if dpo { &r.dpo_dir } else { &r.sft_dir };
-            let pts = metric_series(&dir.join("metrics.jsonl"), key)?;
+            let pts = MetricsFile::read(&dir.join(METRICS_FILE))?.points("step", key)?;
             chart = chart.with(Series::line(self.config.arms[r.arm].label(), pts));
         }
         Ok(chart)
@@ -258,20 +259,6 @@ impl StudyResults {
         }
         Ok(files)
     }
-}
-
-/// `(step, value)` of `key` from a `metrics.jsonl` (lines without the key are skipped).
-pub fn metric_series(path: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut pts = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
-        if let (Some(step), Some(y)) = (v["step"].as_f64(), v[key].as_f64()) {
-            pts.push((step, y));
-        }
-    }
-    Ok(pts)
 }
 
 #[cfg(test)]

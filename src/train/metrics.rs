@@ -6,9 +6,9 @@
 //! `epoch` and `num_tokens` are the values at the logging step.
 
 use crate::fsutil::write_atomic;
-use anyhow::{Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -175,4 +175,76 @@ impl Progress {
 fn hms(secs: f64) -> String {
     let s = secs.round() as u64;
     format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// A `metrics.jsonl` read back (for charts and analyses): every line's object, checked to be
+/// JSON, with errors naming the file and line.
+pub struct MetricsFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `(1-based line, object)` for every non-blank line.
+    lines: Vec<(usize, Map<String, Value>)>,
+}
+
+impl MetricsFile {
+    /// Reads and parses every non-blank line; a file without lines is an error.
+    pub fn read(path: &Path) -> Result<MetricsFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut lines = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = format!("{}:{}", path.display(), i + 1);
+            match serde_json::from_str::<Value>(line) {
+                Ok(Value::Object(o)) => lines.push((i + 1, o)),
+                Ok(_) => bail!("{at}: expected a JSON object per line"),
+                Err(e) => bail!("{at}: malformed JSON at column {}: {e}", e.column()),
+            }
+        }
+        ensure!(!lines.is_empty(), "{}: no metrics lines", path.display());
+        Ok(MetricsFile {
+            path: path.to_path_buf(),
+            lines,
+        })
+    }
+
+    /// `(x, y)` of every line that has `key`; `null` becomes NaN, which the chart skips.
+    /// An error names the line where a value is not a number, and the keys present when no
+    /// line has `key`.
+    pub fn points(&self, x_key: &str, key: &str) -> Result<Vec<(f64, f64)>> {
+        let mut pts = Vec::new();
+        for (line, obj) in &self.lines {
+            let Some(v) = obj.get(key) else { continue };
+            let at = || format!("{}:{line}", self.path.display());
+            let y = match v {
+                Value::Null => f64::NAN,
+                v => v
+                    .as_f64()
+                    .with_context(|| format!("{}: `{key}` is {v}, not a number", at()))?,
+            };
+            let x = match obj.get(x_key) {
+                Some(Value::Null) => f64::NAN,
+                Some(v) => v
+                    .as_f64()
+                    .with_context(|| format!("{}: `{x_key}` is {v}, not a number", at()))?,
+                None => bail!("{}: has `{key}` but no `{x_key}`", at()),
+            };
+            pts.push((x, y));
+        }
+        if pts.is_empty() {
+            let have: BTreeSet<&str> = self
+                .lines
+                .iter()
+                .flat_map(|(_, o)| o.keys().map(String::as_str))
+                .collect();
+            let have: Vec<&str> = have.into_iter().collect();
+            bail!(
+                "{}: no line has the key `{key}` (keys present: {})",
+                self.path.display(),
+                have.join(", ")
+            );
+        }
+        Ok(pts)
+    }
 }
