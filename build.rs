@@ -174,7 +174,15 @@ impl Toolchain {
             .unwrap_or_else(|| manifest.join(".cuda-toolchain"));
         let lib = root.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
         let include = root.join("nvidia/cuda_runtime/include");
-        println!("cargo:rerun-if-changed={}", lib.display());
+        // Watch only paths that exist: cargo reruns a build script on every build while a
+        // watched path is missing, which would recompile the crate on every `cargo run` of a
+        // CPU-only machine. A toolchain installed later is picked up because
+        // scripts/install-cuda-toolchain touches build.rs when it is done.
+        if lib.is_file() {
+            println!("cargo:rerun-if-changed={}", lib.display());
+        } else if root.is_dir() {
+            println!("cargo:rerun-if-changed={}", root.display());
+        }
         (lib.is_file() && include.is_dir()).then_some(Toolchain::Nvrtc { lib, include })
     }
 
