@@ -714,3 +714,23 @@ fn head_argmax_and_mean_logit() {
         assert_eq!(checked, f.num_targets());
     }
 }
+
+/// A transformers-5 `rope_parameters` of type `default` next to a legacy `rope_scaling`: the
+/// legacy scaling applies (as `AutoConfig` merges it); two different scalings are refused.
+#[test]
+fn legacy_rope_scaling_next_to_rope_parameters() {
+    use irbridge::model::config::{ModelConfig, RopeScaling};
+    let mut j = config_json("tiny-llama");
+    assert_eq!(j["rope_parameters"]["rope_type"], "default");
+    j["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 4.0});
+    let c = ModelConfig::from_json(j.clone()).unwrap();
+    assert_eq!(c.rope.unwrap().scaling, RopeScaling::Linear { factor: 4.0 });
+    j["rope_parameters"] = serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0});
+    let e = ModelConfig::from_json(j.clone()).unwrap_err().to_string();
+    assert!(e.contains("disagree"), "{e}");
+    j["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+    assert_eq!(
+        ModelConfig::from_json(j).unwrap().rope.unwrap().scaling,
+        RopeScaling::Linear { factor: 2.0 }
+    );
+}

@@ -93,6 +93,9 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and normalises `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: no such model folder (expected config.json inside)", dir.display());
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let raw: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -235,44 +238,55 @@ fn llama_family(j: &Json, raw: &Value, model_type: &str) -> Result<ModelConfig> 
 }
 
 /// θ from `rope_parameters.rope_theta` (transformers 5) or top-level `rope_theta` (older files);
-/// scaling from `rope_parameters` (rope_type ≠ default) or the older `rope_scaling` block.
+/// scaling from `rope_parameters` or the older `rope_scaling` block. A file may carry both (a
+/// transformers-5 `rope_parameters` of type `default` next to a legacy `rope_scaling`):
+/// transformers then applies the legacy scaling, and so does this; two different non-default
+/// scalings are an error rather than a silent choice.
 fn rope(j: &Json) -> Result<Rope> {
     let params = j.0.get("rope_parameters").filter(|v| !v.is_null());
     let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
         Some(t) => t,
         None => j.opt_f64("rope_theta")?.unwrap_or(10000.0),
     };
-    let scaling_block = match params {
-        Some(p) if p.get("rope_type").or_else(|| p.get("type")).is_some() => Some(p),
-        _ => j.0.get("rope_scaling").filter(|v| !v.is_null()),
-    };
-    let scaling = match scaling_block {
-        None => RopeScaling::None,
-        Some(block) => {
-            let b = Json(block);
-            let kind = match b.opt_str("rope_type")? {
-                Some(k) => k,
-                None => b.opt_str("type")?.unwrap_or_else(|| "default".into()),
-            };
-            match kind.as_str() {
-                "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear {
-                    factor: b.f64("factor").context("rope_scaling (linear)")?,
-                },
-                "llama3" => RopeScaling::Llama3 {
-                    factor: b.f64("factor").context("rope_scaling (llama3)")?,
-                    low_freq_factor: b.f64("low_freq_factor").context("rope_scaling (llama3)")?,
-                    high_freq_factor: b.f64("high_freq_factor").context("rope_scaling (llama3)")?,
-                    original_max_position_embeddings: b
-                        .f64("original_max_position_embeddings")
-                        .context("rope_scaling (llama3)")?,
-                },
-                other => bail!("rope_type {other:?} is not supported (supported: default, linear, llama3)"),
-            }
+    let legacy = j.0.get("rope_scaling").filter(|v| !v.is_null());
+    let from_params = params.map(|p| scaling(p, "rope_parameters")).transpose()?;
+    let from_legacy = legacy.map(|p| scaling(p, "rope_scaling")).transpose()?;
+    let scaling = match (from_params, from_legacy) {
+        (Some(a), Some(b)) if a != RopeScaling::None && b != RopeScaling::None && a != b => {
+            bail!("rope_parameters ({a:?}) and rope_scaling ({b:?}) disagree; keep one of them")
         }
+        (Some(a), _) if a != RopeScaling::None => a,
+        (_, Some(b)) => b,
+        _ => RopeScaling::None,
     };
     anyhow::ensure!(theta > 0.0, "rope_theta must be positive, got {theta}");
     Ok(Rope { theta, scaling })
+}
+
+/// The scaling rule a `rope_parameters` / `rope_scaling` block names (`rope_type`, or the older
+/// `type`; none means the default, unscaled rotary).
+fn scaling(block: &Value, key: &str) -> Result<RopeScaling> {
+    let b = Json(block);
+    let kind = match b.opt_str("rope_type")? {
+        Some(k) => k,
+        None => b.opt_str("type")?.unwrap_or_else(|| "default".into()),
+    };
+    Ok(match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: b.f64("factor").with_context(|| format!("{key} (linear)"))?,
+        },
+        "llama3" => {
+            let f = |k: &str| b.f64(k).with_context(|| format!("{key} (llama3)"));
+            RopeScaling::Llama3 {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: f("original_max_position_embeddings")?,
+            }
+        }
+        other => bail!("{key}: rope_type {other:?} is not supported (supported: default, linear, llama3)"),
+    })
 }
 
 /// Mistral applies `sliding_window` to every layer when set; Qwen2 only when
