@@ -171,7 +171,31 @@ fn bad_inputs_fail_with_one_clear_line() {
 
     let missing = dir.join("no-such-model");
     let out = irbridge(&["logps", "--model", &arg(&missing), "--data", &arg(&bad)]);
-    assert_clean_error(&out, "no-such-model");
+    assert_clean_error(&out, "no such model folder");
+
+    // The output would overwrite the input, or cannot be a file: refused before any scoring.
+    let data = dir.join("rows.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \" b\"}\n").unwrap();
+    let logps_to = |output: &std::path::Path| {
+        irbridge(&[
+            "logps",
+            "--model",
+            &model,
+            "--data",
+            &arg(&data),
+            "--max-length",
+            "64",
+            "--output",
+            &arg(output),
+        ])
+    };
+    assert_clean_error(&logps_to(&data), "is the --data file");
+    assert_eq!(
+        std::fs::read_to_string(&data).unwrap(),
+        "{\"prompt\": \"a\", \"completion\": \" b\"}\n"
+    );
+    assert_clean_error(&logps_to(&data.join("x.jsonl")), "is not a folder");
+    assert_clean_error(&logps_to(&dir), "is a folder");
 
     let sft = arg(&f.join("e2e/sft_input.jsonl"));
     let out = irbridge(&[
@@ -200,6 +224,46 @@ fn bad_inputs_fail_with_one_clear_line() {
         "nope",
     ]);
     assert_clean_error(&out, "nope");
+
+    // Models of different vocabularies cannot be compared.
+    let out = irbridge(&[
+        "eval",
+        "--policy",
+        &model,
+        "--ref",
+        &arg(&dir.join("small")),
+        "--data",
+        &dpo,
+    ]);
+    assert_clean_error(&out, "no such model folder");
+    let small = dir.join("small");
+    let cfg = irbridge::model::ModelConfig::from_json(
+        irbridge::study::data::ModelShape {
+            hidden: 16,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 32,
+        }
+        .config_json(),
+    )
+    .unwrap();
+    irbridge::model::Model::init_random(cfg, 1)
+        .unwrap()
+        .save(&small)
+        .unwrap();
+    let out = irbridge(&[
+        "eval",
+        "--policy",
+        &model,
+        "--ref",
+        &arg(&small),
+        "--data",
+        &dpo,
+        "--max-length",
+        "256",
+    ]);
+    assert_clean_error(&out, "must share a tokenizer");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -22,7 +22,7 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     model: PathBuf,
     /// The reference model π_ref (e.g. the checkpoint fine-tuning started from).
-    #[arg(long = "ref")]
+    #[arg(long = "ref", visible_alias = "ref-model")]
     reference: PathBuf,
     #[command(flatten)]
     common: ModelArgs,
@@ -58,6 +58,7 @@ pub fn run(a: &AnalyzeArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(&a.model)?;
     let policy = Model::load(&a.model)?;
     let reference = Model::load(&a.reference).with_context(|| format!("--ref {}", a.reference.display()))?;
+    super::check_same_vocabulary(&policy, &a.model, &reference, &a.reference)?;
     a.common.check_positions(&policy, &a.model)?;
     a.common.check_positions(&reference, &a.reference)?;
     let pad = tok.pad_id()?;
@@ -76,9 +77,9 @@ pub fn run(a: &AnalyzeArgs) -> Result<()> {
     };
     ensure!(
         !seqs.is_empty(),
-        "{}: no row reaches the analysis (see the report)\n{}",
+        "{}: no row reaches the analysis ({})",
         a.common.data.display(),
-        ds.report()
+        ds.summary()
     );
     let mut rewards = Vec::with_capacity(seqs.len());
     let mut bar = Progress::new("implicit rewards", seqs.len());

@@ -3,7 +3,7 @@
 
 use super::progress::Progress;
 use super::{load_dataset, Dataset, EngineFn, ModelArgs};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use irbridge::data::{DpoExample, Tokenizer};
 use irbridge::model::Model;
@@ -20,7 +20,7 @@ pub struct EvalArgs {
     #[arg(long)]
     policy: PathBuf,
     /// The reference checkpoint (must share the policy's tokenizer).
-    #[arg(long = "ref")]
+    #[arg(long = "ref", visible_alias = "ref-model")]
     reference: PathBuf,
     #[command(flatten)]
     common: ModelArgs,
@@ -103,7 +103,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     )?;
     let tok = Tokenizer::from_dir(&args.policy)?;
     let policy = Model::load(&args.policy)?;
-    let reference = Model::load(&args.reference)?;
+    let reference = Model::load(&args.reference).with_context(|| format!("--ref {}", args.reference.display()))?;
+    super::check_same_vocabulary(&policy, &args.policy, &reference, &args.reference)?;
     args.common.check_positions(&policy, &args.policy)?;
     args.common.check_positions(&reference, &args.reference)?;
     let pad = tok.pad_id()?;
@@ -118,7 +119,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!(
             "{}: no pair survived tokenisation ({})",
             args.common.data.display(),
-            ds.report
+            ds.report.summary()
         );
     }
     // One model on the device at a time: the policy is scored and dropped before the reference.

@@ -34,6 +34,9 @@ pub struct LogpsArgs {
 /// Runs `irbridge logps`.
 pub fn run(args: LogpsArgs) -> Result<()> {
     let device = args.common.check_device()?;
+    if let Some(out) = &args.output {
+        super::check_output_file(out, &args.common.data)?;
+    }
     let tok = Tokenizer::from_dir(&args.model)?;
     let model = Model::load(&args.model)?;
     args.common.check_positions(&model, &args.model)?;

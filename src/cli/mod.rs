@@ -126,6 +126,52 @@ impl Dataset {
             Dataset::Dpo(d) => d.report.to_string(),
         }
     }
+
+    /// The report's counts on one line, for an error message.
+    pub fn summary(&self) -> String {
+        match self {
+            Dataset::Sft(d) => d.report.summary(),
+            Dataset::Dpo(d) => d.report.summary(),
+        }
+    }
+}
+
+/// Refuses to compare two models that do not share a vocabulary: their log-probs would be of
+/// different token sequences, and the numbers would look plausible while meaning nothing.
+pub fn check_same_vocabulary(policy: &Model, policy_dir: &Path, reference: &Model, reference_dir: &Path) -> Result<()> {
+    let (p, r) = (policy.config().vocab_size, reference.config().vocab_size);
+    if p != r {
+        bail!(
+            "{} has a {p}-token vocabulary but the reference {} has {r}: the two models must share a tokenizer",
+            policy_dir.display(),
+            reference_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an `--output` file that would overwrite the `--data` it is computed from, or that
+/// cannot be written (a folder, or a parent that is not a folder) — checked before any work.
+pub fn check_output_file(output: &Path, data: &Path) -> Result<()> {
+    let same = match (output.canonicalize(), data.canonicalize()) {
+        (Ok(o), Ok(d)) => o == d,
+        _ => false,
+    };
+    if same {
+        bail!(
+            "--output {} is the --data file: choose another name, the input would be overwritten",
+            output.display()
+        );
+    }
+    if output.is_dir() || output.file_name().is_none() {
+        bail!("--output {}: is a folder, expected a file name", output.display());
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if parent.exists() && !parent.is_dir() {
+            bail!("--output {}: {} is not a folder", output.display(), parent.display());
+        }
+    }
+    Ok(())
 }
 
 /// Reads and tokenises a dataset file; its kind follows its rows (all must agree).

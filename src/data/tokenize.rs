@@ -244,7 +244,21 @@ impl fmt::Display for TokenizeReport {
             "truncated chosen / rejected:  {} / {}",
             self.n_chosen_truncated, self.n_rejected_truncated
         )?;
-        write!(f, "trained tokens:               {}", self.n_completion_tokens)
+        write!(f, "completion tokens:            {}", self.n_completion_tokens)
+    }
+}
+
+impl TokenizeReport {
+    /// The counts that explain an empty dataset, on one line (for error messages).
+    pub fn summary(&self) -> String {
+        format!(
+            "{} rows, {} kept; dropped: {} with the prompt ≥ max_length, {} with an empty completion, {} identical pairs",
+            self.n_rows,
+            self.n_kept,
+            self.n_dropped_prompt_too_long,
+            self.n_dropped_empty_completion,
+            self.n_dropped_identical_pairs
+        )
     }
 }
 

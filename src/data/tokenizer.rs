@@ -41,6 +41,12 @@ impl Tokenizer {
     /// `special_tokens_map.json` (consulted for tokens the config lacks) and `chat_template.jinja`
     /// (used when the config has no template) from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "{}: no such model folder (expected tokenizer.json inside)",
+                dir.display()
+            );
+        }
         let existing = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
         let config = existing("tokenizer_config.json");
         let map = existing("special_tokens_map.json");
