@@ -673,6 +673,35 @@ fn save_total_limit_rotates_and_a_fresh_run_never_overwrites_checkpoints() {
     assert_eq!(steps, [1, 2, 3, 4, 5, 6, 7]);
 }
 
+/// A folder that holds a finished run without checkpoints (`save_steps = 0`) is not overwritten
+/// by a fresh run unless `overwrite_output_dir` says so; files the user put there are not
+/// touched by the refusal.
+#[test]
+fn a_fresh_run_refuses_an_earlier_runs_folder_unless_told_to_overwrite() {
+    let dir = TempDir::new("overwrite");
+    let data = write(&dir.join("sft.jsonl"), &sft_jsonl(8));
+    let out = dir.join("out");
+    let cfg = config(Kind::Sft, &data, &out, |c| {
+        c.per_device_batch_size = 4;
+        c.max_steps = Some(1);
+        c.save_steps = 0;
+    });
+    run(&cfg);
+    std::fs::write(out.join("final/mine.txt"), "notes").unwrap();
+    let metrics_before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let e = run_err(&cfg);
+    assert!(
+        e.contains("holds an earlier run") && e.contains("--overwrite-output-dir"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics_before);
+    assert!(out.join("final/mine.txt").is_file(), "a refused run removed a file");
+    let mut again = cfg.clone();
+    again.overwrite_output_dir = true;
+    assert_eq!(run(&again).summary.global_step, 1);
+    assert!(!out.join("final/mine.txt").exists(), "final/ is replaced when asked");
+}
+
 /// A resume that is refused (different batching, or no checkpoint to resume from) changes
 /// nothing in the output folder — not the resolved config, not the metrics.
 #[test]
@@ -697,7 +726,23 @@ fn refused_resume_leaves_the_output_folder_untouched() {
     other.resume_from_checkpoint = Some("latest".into());
     other.per_device_batch_size = 4;
     let e = run_err(&other);
+    assert!(
+        e.contains("resume") && e.contains("`per_device_batch_size` is 4"),
+        "{e}"
+    );
+    // Same settings, other rows in the same file: caught by the data plan.
+    write(&data, &sft_jsonl(12));
+    let mut other = cfg.clone();
+    other.resume_from_checkpoint = Some("latest".into());
+    let e = run_err(&other);
     assert!(e.contains("resume") && e.contains("steps per epoch"), "{e}");
+    write(&data, &sft_jsonl(8));
+    // Another kind of run, or another starting model, is named as such.
+    let mut other = cfg.clone();
+    other.resume_from_checkpoint = Some("latest".into());
+    other.model = Some(common::fixtures().join("models/tiny-llama"));
+    let e = run_err(&other);
+    assert!(e.contains("resume: `model`"), "{e}");
     let mut other = cfg.clone();
     other.resume_from_checkpoint = Some("latest".into());
     other.seed = 7;

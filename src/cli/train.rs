@@ -40,8 +40,8 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    /// Sequences (SFT) or pairs (DPO) per micro-batch.
-    #[arg(long)]
+    /// Sequences (SFT) or pairs (DPO) per micro-batch (TRL: per_device_train_batch_size).
+    #[arg(long, visible_alias = "per-device-train-batch-size")]
     pub per_device_batch_size: Option<u64>,
     /// Micro-batches per optimizer step.
     #[arg(long)]
@@ -49,8 +49,8 @@ pub struct TrainArgs {
     /// Total optimizer steps (overrides --num-epochs).
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Epochs (fractional allowed).
-    #[arg(long)]
+    /// Epochs (fractional allowed; TRL: num_train_epochs).
+    #[arg(long, visible_alias = "num-train-epochs")]
     pub num_epochs: Option<f64>,
     /// Maximum tokens per sequence.
     #[arg(long)]
@@ -85,8 +85,9 @@ pub struct TrainArgs {
     /// Label smoothing (cDPO / robust / exo_pair).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    /// DPO: precompute the reference log-probs once (cached in the output dir).
-    #[arg(long)]
+    /// DPO: precompute the reference log-probs once (cached in the output dir; TRL:
+    /// precompute_ref_log_probs).
+    #[arg(long, visible_alias = "precompute-ref-log-probs")]
     pub precompute_ref_logps: bool,
     /// SFT objective: nll or an f-divergence (tv, pearson_chi2, neyman_chi2, squared_hellinger,
     /// jensen_shannon, reverse_kl).
@@ -119,6 +120,11 @@ pub struct TrainArgs {
     /// `latest` or a checkpoint directory.
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
+    /// Train into an output directory that holds an earlier run's metrics.jsonl or final/
+    /// (replacing them); without it such a directory is refused. Checkpoints are never
+    /// overwritten: resume from them or choose another directory.
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
 }
 
 impl TrainArgs {
@@ -172,6 +178,10 @@ impl TrainArgs {
         put("save_steps", i(self.save_steps));
         put("save_total_limit", i(self.save_total_limit));
         put("resume_from_checkpoint", s(&self.resume_from_checkpoint));
+        put(
+            "overwrite_output_dir",
+            self.overwrite_output_dir.then_some(toml::Value::Boolean(true)),
+        );
         Ok(t)
     }
 }

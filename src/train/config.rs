@@ -169,6 +169,9 @@ pub struct TrainConfig {
     pub save_total_limit: Option<usize>,
     /// `latest` or a checkpoint directory to continue from.
     pub resume_from_checkpoint: Option<String>,
+    /// Allow a fresh run into an `output_dir` holding an earlier run's `metrics.jsonl` or
+    /// `final/` (transformers' name); checkpoints are refused regardless.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainConfig {
@@ -214,6 +217,7 @@ impl Default for TrainConfig {
             save_steps: 500,
             save_total_limit: None,
             resume_from_checkpoint: None,
+            overwrite_output_dir: false,
         }
     }
 }
@@ -534,9 +538,12 @@ impl TrainConfig {
     /// steps, the objective); compared against the checkpoint's config on resume.
     pub fn run_identity(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("data", format!("{:?}", self.data)),
-            ("max_samples", format!("{:?}", self.max_samples)),
-            ("eval_data", format!("{:?}", self.eval_data)),
+            ("kind", opt(&self.kind)),
+            ("model", opt(&self.model)),
+            ("ref_model", opt(&self.ref_model)),
+            ("data", opt(&self.data)),
+            ("max_samples", opt(&self.max_samples)),
+            ("eval_data", opt(&self.eval_data)),
             ("eval_fraction", self.eval_fraction.to_string()),
             ("per_device_batch_size", self.per_device_batch_size.to_string()),
             (
@@ -545,9 +552,24 @@ impl TrainConfig {
             ),
             ("max_length", self.max_length.to_string()),
             ("seed", self.seed.to_string()),
-            ("sft_loss", format!("{:?}", self.sft_loss)),
-            ("sft_level", format!("{:?}", self.sft_level)),
-            ("loss_type", format!("{:?}", self.loss_type)),
+            ("sft_loss", opt(&self.sft_loss)),
+            ("sft_level", opt(&self.sft_level)),
+            ("loss_type", opt(&self.loss_type)),
+            ("loss_weights", opt(&self.loss_weights)),
+            ("f_divergence_type", opt(&self.f_divergence_type)),
+            ("beta", opt(&self.beta)),
+            ("sft_beta", opt(&self.sft_beta)),
+            ("label_smoothing", opt(&self.label_smoothing)),
+            ("learning_rate", opt(&self.learning_rate)),
+            ("lr_scheduler_type", format!("{:?}", self.lr_scheduler_type)),
+            ("warmup_steps", self.warmup_steps.to_string()),
+            ("warmup_ratio", self.warmup_ratio.to_string()),
+            ("weight_decay", self.weight_decay.to_string()),
         ]
     }
+}
+
+/// An optional setting as it reads in an error message: the value, or `unset`.
+fn opt<T: std::fmt::Debug>(o: &Option<T>) -> String {
+    o.as_ref().map_or_else(|| "unset".to_string(), |v| format!("{v:?}"))
 }

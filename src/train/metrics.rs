@@ -2,8 +2,9 @@
 //! transformers logs them) and the progress line on the terminal.
 //!
 //! Within a logging interval, per-step metrics (`loss`, rewards, accuracies, ...) are averaged
-//! over the steps; `grad_norm` (before clipping), `learning_rate` (the rate the last step used),
-//! `epoch` and `num_tokens` are the values at the logging step.
+//! over the steps; `grad_norm` (before clipping), `epoch` and `num_tokens` are the values at the
+//! logging step, and `learning_rate` is the scheduler's rate after it (the next step's), as
+//! transformers logs it — 0 at the end of a linear or cosine schedule.
 
 use crate::fsutil::write_atomic;
 use anyhow::{bail, ensure, Context, Result};

@@ -12,11 +12,11 @@ use super::checkpoint::{self, TrainerState, CONFIG_FILE};
 use super::config::TrainConfig;
 use super::data::StepPlan;
 use super::engine::Engine;
-use super::metrics::{Interval, MetricsLog, Progress};
+use super::metrics::{Interval, MetricsLog, Progress, METRICS_FILE};
 use super::schedule::{warmup_steps, Schedule};
 use crate::fsutil::write_atomic;
 use crate::ops::adamw::AdamWStep;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// What one optimizer step's window produced.
@@ -73,6 +73,13 @@ pub fn prepare_output(cfg: &TrainConfig) -> Result<()> {
             "output_dir: {} already holds checkpoints; pass --resume-from-checkpoint latest or choose another directory",
             out.display()
         );
+        let earlier = [METRICS_FILE, "final"].into_iter().find(|f| out.join(f).exists());
+        if let (Some(f), false) = (earlier, cfg.overwrite_output_dir) {
+            bail!(
+                "output_dir: {} holds an earlier run ({f}); pass --overwrite-output-dir to replace it or choose another directory",
+                out.display()
+            );
+        }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(&out.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())
@@ -162,16 +169,20 @@ pub fn run<E: Engine, T: Task<E>>(
         }
         let gs = state.global_step;
         let logged = gs % cfg.logging_steps == 0 || gs == total;
+        let mut shown_loss = so.loss;
         if logged {
             let mut line = interval.take_means();
+            shown_loss = line.iter().find(|(k, _)| k == "loss").map_or(so.loss, |x| x.1);
             line.push(("grad_norm".into(), norm));
-            line.push(("learning_rate".into(), lr));
+            // As transformers logs it: the scheduler's rate after this step (the next step's).
+            line.push(("learning_rate".into(), schedule.lr(gs)));
             line.push(("epoch".into(), state.epoch));
             line.push(("num_tokens".into(), state.num_tokens as f64));
             log.write(gs, &line)?;
             last_metrics = line;
         }
-        progress.step(gs, so.loss, lr, state.num_tokens, logged);
+        // On a logged step the terminal shows the logged (interval-mean) loss, so the two agree.
+        progress.step(gs, shown_loss, lr, state.num_tokens, logged);
         if task.has_eval() && ((cfg.eval_steps > 0 && gs % cfg.eval_steps == 0) || gs == total) {
             last_eval = evaluate(engine, task, &log, gs, &progress)?;
             state.last_eval_step = gs;
@@ -219,6 +230,9 @@ fn evaluate<E: Engine, T: Task<E>>(
 /// batching (`plan`), same objective — and returns its state. [`crate::train::run()`] calls it
 /// before anything is written to `output_dir`, so a refused resume leaves the folder as it was.
 pub fn check_resume(cfg: &TrainConfig, dir: &Path, plan: &StepPlan) -> Result<TrainerState> {
+    // The settings first: a checkpoint of another kind of run, model or objective is named as
+    // such rather than as a batching mismatch.
+    check_same_run(cfg, dir)?;
     let st = checkpoint::load_state(dir)?;
     ensure!(
         st.steps_per_epoch == plan.steps_per_epoch() && st.seed == plan.seed,
@@ -229,7 +243,6 @@ pub fn check_resume(cfg: &TrainConfig, dir: &Path, plan: &StepPlan) -> Result<Tr
         plan.steps_per_epoch(),
         plan.seed
     );
-    check_same_run(cfg, dir)?;
     Ok(st)
 }
 
