@@ -118,12 +118,17 @@ impl Chart {
         let (x_lo, x_hi) = padded_range(pts.iter().map(|p| p.0));
         let (y_lo, y_hi) = padded_range(pts.iter().map(|p| p.1));
         let (w, h) = (self.width as f64, self.height as f64);
+        // Room for the widest y tick label and, left of it, the rotated axis title.
+        let y_ticks = ticks(y_lo, y_hi);
+        let widest = y_ticks.iter().map(|&t| fmt_tick(t).chars().count()).max().unwrap_or(1);
+        let left = MARGIN_LEFT.max(40.0 + LEGEND_CHAR_WIDTH * widest as f64);
+        let title_x = left - 16.0 - LEGEND_CHAR_WIDTH * widest as f64;
         // Swatch and gap (32 px) plus the text: a long entry such as `eval_rewards/accuracies`
         // narrows the plot area rather than running off the edge.
         let longest = self.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
         let margin_right = MARGIN_RIGHT.max(32.0 + LEGEND_CHAR_WIDTH * longest as f64).min(w / 2.0);
-        let (pw, ph) = (w - MARGIN_LEFT - margin_right, h - MARGIN_TOP - MARGIN_BOTTOM);
-        let sx = |x: f64| MARGIN_LEFT + (x - x_lo) / (x_hi - x_lo) * pw;
+        let (pw, ph) = (w - left - margin_right, h - MARGIN_TOP - MARGIN_BOTTOM);
+        let sx = |x: f64| left + (x - x_lo) / (x_hi - x_lo) * pw;
         let sy = |y: f64| MARGIN_TOP + ph - (y - y_lo) / (y_hi - y_lo) * ph;
 
         let mut s = String::new();
@@ -135,7 +140,7 @@ impl Chart {
         let _ = write!(
             s,
             r#"<text x="{:.1}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-            MARGIN_LEFT + pw / 2.0,
+            left + pw / 2.0,
             escape(&self.title)
         );
         // Grid, ticks and tick labels.
@@ -150,33 +155,33 @@ impl Chart {
                 fmt_tick(t)
             );
         }
-        for t in ticks(y_lo, y_hi) {
+        for &t in &y_ticks {
             let y = sy(t);
             let _ = write!(
                 s,
                 r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                MARGIN_LEFT,
-                MARGIN_LEFT + pw,
-                MARGIN_LEFT - 6.0,
+                left,
+                left + pw,
+                left - 6.0,
                 y + 4.0,
                 fmt_tick(t)
             );
         }
         let _ = write!(
             s,
-            r##"<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{pw:.1}" height="{ph:.1}" fill="none" stroke="#333"/>"##
+            r##"<rect x="{left}" y="{MARGIN_TOP}" width="{pw:.1}" height="{ph:.1}" fill="none" stroke="#333"/>"##
         );
         let _ = write!(
             s,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            MARGIN_LEFT + pw / 2.0,
+            left + pw / 2.0,
             h - 12.0,
             escape(&self.x_label)
         );
-        let (lx, ly) = (18.0, MARGIN_TOP + ph / 2.0);
+        let (lx, ly) = (title_x, MARGIN_TOP + ph / 2.0);
         let _ = write!(
             s,
-            r#"<text x="{lx}" y="{ly:.1}" text-anchor="middle" transform="rotate(-90 {lx} {ly:.1})">{}</text>"#,
+            r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="middle" transform="rotate(-90 {lx:.1} {ly:.1})">{}</text>"#,
             escape(&self.y_label)
         );
         // Series and legend.
@@ -220,7 +225,7 @@ impl Chart {
                 }
             }
             let ly = MARGIN_TOP + 10.0 + 18.0 * i as f64;
-            let lx = MARGIN_LEFT + pw + 14.0;
+            let lx = left + pw + 14.0;
             let _ = write!(
                 s,
                 r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{color}"/><text x="{:.1}" y="{:.1}">{}</text>"#,

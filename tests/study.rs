@@ -83,9 +83,22 @@ fn demo_is_deterministic_and_writes_its_outputs() {
     ] {
         assert!(a.join(f).is_file(), "{f} missing");
     }
-    // Twice into another folder, the second time over the first demo: same table, same numbers.
+    // Every top-level entry is one a rerun knows to replace.
+    for e in std::fs::read_dir(&a).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name == "study.json" || irbridge::study::is_study_output(&name),
+            "{name} is written by the demo but a rerun would not remove it"
+        );
+    }
+    // Twice into another folder, the second time over the first demo: same table, same numbers;
+    // what the user added to the folder survives the rerun.
     ok(&irbridge(&["demo", "--config", &arg(&cfg), "--output-dir", &arg(&b)]));
+    std::fs::write(b.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir_all(b.join("myplots")).unwrap();
     ok(&irbridge(&["demo", "--config", &arg(&cfg), "--output-dir", &arg(&b)]));
+    assert_eq!(std::fs::read_to_string(b.join("notes.txt")).unwrap(), "mine");
+    assert!(b.join("myplots").is_dir());
     let md = |d: &Path| std::fs::read_to_string(d.join("results.md")).unwrap();
     assert_eq!(md(&a), md(&b));
     assert_eq!(results_without_paths(&a), results_without_paths(&b));
@@ -145,6 +158,11 @@ fn demo_refuses_foreign_folders_and_bad_configs() {
     one_line_error(
         &irbridge(&["demo", "--config", &arg(&bad), "--output-dir", &arg(&tmp.join("x"))]),
         "arms[0].sft_loss",
+    );
+    std::fs::write(&bad, "{\"seeds\": [4, 4]}").unwrap();
+    one_line_error(
+        &irbridge(&["demo", "--config", &arg(&bad), "--output-dir", &arg(&tmp.join("x"))]),
+        "listed twice",
     );
     std::fs::write(&bad, "{\"seeds\": []}").unwrap();
     one_line_error(

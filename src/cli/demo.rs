@@ -19,8 +19,9 @@ pub struct DemoArgs {
     /// f-divergence objectives at two (about 10 minutes on two CPU cores).
     #[arg(long)]
     full: bool,
-    /// A study config (JSON, as the `study.json` a demo writes; keys left out keep the default
-    /// grid's values) instead of the built-in grid.
+    /// A study config (JSON, as the `study.json` a demo writes; top-level keys left out keep the
+    /// default grid's values, nested objects such as `sft` are given whole) instead of the
+    /// built-in grid.
     #[arg(long, conflicts_with = "full")]
     config: Option<PathBuf>,
     /// Seeds to run instead of the grid's (comma-separated).
@@ -35,19 +36,42 @@ pub struct DemoArgs {
 /// The file that marks a folder as a demo's, so a rerun may replace it.
 const MARKER: &str = "study.json";
 
-/// Empties `dir` for a new study: a missing or empty folder is fine, an earlier demo's is
-/// removed, anything else is refused rather than overwritten.
+/// Readies `dir` for a new study: a missing or empty folder is fine; in an earlier demo's folder
+/// (it has the marker) exactly what a demo writes is removed and anything else is kept; any
+/// other non-empty folder is refused rather than overwritten.
 fn claim(dir: &Path) -> Result<()> {
     if dir.exists() {
-        let mut entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-        if entries.next().is_some() {
+        let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
+            .and_then(|rd| rd.collect())
+            .with_context(|| format!("reading {}", dir.display()))?;
+        if !entries.is_empty() {
             if !dir.join(MARKER).is_file() {
                 bail!(
                     "--output-dir {}: the folder exists and is not an earlier demo's (no {MARKER}); choose another",
                     dir.display()
                 );
             }
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing the earlier demo in {}", dir.display()))?;
+            let mut kept = 0;
+            for e in entries {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                if name == MARKER || study::is_study_output(&name) {
+                    let removed = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    removed.with_context(|| format!("removing the earlier demo's {}", path.display()))?;
+                } else {
+                    kept += 1;
+                }
+            }
+            if kept > 0 {
+                println!(
+                    "{}: replacing the earlier demo; {kept} other entries left as they are",
+                    dir.display()
+                );
+            }
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
@@ -88,7 +112,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("finished in {:02}:{:02}; wrote:", s / 60, s % 60);
     for f in files
         .iter()
-        .chain(std::iter::once(&a.output_dir.join("implicit_rewards.html")))
+        .chain(std::iter::once(&a.output_dir.join(study::REWARD_PAGE)))
     {
         println!("  {}", f.display());
     }

@@ -40,7 +40,9 @@ pub struct GenerateArgs {
     /// Nucleus sampling mass (1: off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Seed of the sampling streams.
+    /// Seed of the sampling streams: sample k of the run (prompts in order, --num-samples each)
+    /// draws from stream k, so a run is reproducible and one sample never depends on another's
+    /// tokens (reordering the prompts reassigns the streams).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON object per sample (prompt, text, token ids, per-token log-probs).

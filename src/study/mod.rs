@@ -20,13 +20,22 @@ use crate::analyze::{html_report, ranking_accuracy, token_rewards, RowView};
 use crate::model::Model;
 use crate::train::CpuEngine;
 use crate::Device;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use data::{DataSizes, ModelShape};
 use evaluate::{win_rate, Evaluator, PairScores};
 use pipeline::final_model;
 use report::{ArmResult, SeedBaseline, StudyResults};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// The per-token implicit-reward page [`run`] writes next to the results.
+pub const REWARD_PAGE: &str = "implicit_rewards.html";
+
+/// Whether a top-level entry of an output folder is one the study writes (its report files, the
+/// page, or a `seed-<s>` folder) — what a rerun may remove.
+pub fn is_study_output(name: &str) -> bool {
+    name == REWARD_PAGE || report::REPORT_FILES.contains(&name) || name.starts_with("seed-")
+}
 
 /// Responses drawn from the true distributions to estimate their mean reward.
 const DISTRIBUTION_SAMPLES: usize = 8192;
@@ -68,7 +77,8 @@ pub struct StagePlan {
 }
 
 /// Everything that defines a study run; equal configs give equal results. As JSON (the demo
-/// writes it as `study.json`), keys left out take [`StudyConfig::quick`]'s values.
+/// writes it as `study.json`), top-level keys left out take [`StudyConfig::quick`]'s values; a
+/// nested object (`shape`, `sizes`, `pretrain`, `sft`, `dpo`, an arm) is given whole.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StudyConfig {
@@ -114,6 +124,10 @@ impl StudyConfig {
     /// Rejects grids that cannot run, naming the key.
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.seeds.is_empty(), "seeds: give at least one seed");
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(s) = self.seeds.iter().find(|&&s| !seen.insert(s)) {
+            bail!("seeds: {s} is listed twice; a repeated seed repeats the same run and fakes a spread");
+        }
         ensure!(!self.arms.is_empty(), "arms: give at least one SFT arm");
         for (i, a) in self.arms.iter().enumerate() {
             a.sft_loss
@@ -279,7 +293,7 @@ pub fn run(cfg: &StudyConfig, out: &Path, device: Device, note: &mut dyn FnMut(&
             let sft_scores = ev.pair_scores(&mut sft)?;
             let dpo_scores = ev.pair_scores(&mut dpo)?;
             if k == 0 && i == 0 {
-                write_reward_page(cfg, &ev, sft.model(), &out.join("implicit_rewards.html"))?;
+                write_reward_page(cfg, &ev, sft.model(), &out.join(REWARD_PAGE))?;
             }
             runs.push(ArmResult {
                 seed,

@@ -11,6 +11,19 @@ use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// Every file [`StudyResults::write`] may write at the top of the output folder (a rerun of the
+/// demo removes exactly these, the seed folders, the marker and the implicit-reward page).
+pub const REPORT_FILES: [&str; 8] = [
+    "results.json",
+    "results.md",
+    "reward_vs_kl.svg",
+    "frontier_learning_rate.svg",
+    "frontier_objective.svg",
+    "sft_loss.svg",
+    "dpo_loss.svg",
+    "dpo_accuracy.svg",
+];
+
 /// One arm of one seed.
 #[derive(Clone, Debug, Serialize)]
 pub struct ArmResult {
@@ -100,7 +113,7 @@ impl StudyResults {
     /// The results table in Markdown: one row per arm, mean ± standard deviation over seeds.
     pub fn markdown(&self) -> String {
         let c = &self.config;
-        let mut s = String::new();
+        let mut s = String::from("# irbridge study results\n\n");
         let seeds: Vec<String> = c.seeds.iter().map(u64::to_string).collect();
         let _ = writeln!(
             s,
@@ -156,9 +169,7 @@ impl StudyResults {
             "KL(π ‖ π_base), nats per response",
             "mean r* of samples",
         );
-        let base: Vec<(f64, f64)> = self.baselines.iter().map(|b| (0.0, b.base.reward)).collect();
-        let labels = vec!["base".to_string(); base.len()];
-        chart = chart.with(Series::points("base model", base, labels));
+        // Arms first, so each keeps the colour it has in the other charts; the base model last.
         for (i, arm) in self.config.arms.iter().enumerate() {
             let (mut pts, mut labels) = (Vec::new(), Vec::new());
             for r in self.runs.iter().filter(|r| r.arm == i) {
@@ -167,7 +178,9 @@ impl StudyResults {
             }
             chart = chart.with(Series::points(arm.label(), pts, labels));
         }
-        chart
+        let base: Vec<(f64, f64)> = self.baselines.iter().map(|b| (0.0, b.base.reward)).collect();
+        let labels = vec!["base".to_string(); base.len()];
+        chart.with(Series::points("base model", base, labels))
     }
 
     /// Median SFT and DPO model of each selected arm, joined SFT → DPO: how DPO moves each
