@@ -14,11 +14,13 @@
 //!
 //! Without a usable GPU it prints `skipped: no GPU (<reason>)` and exits 0.
 
-use anyhow::{bail, Context, Result};
+mod gpu_common;
+
+use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, ValidAsZeroBits};
 use half::bf16;
-use irbridge::device::{cuda_unavailable_reason, CudaDevice};
+use irbridge::device::CudaDevice;
 use irbridge::ops::logsoftmax::{
     backward_cuda, forward_backward_cuda, forward_cuda, unfused_backward_cuda, unfused_forward_cuda, CudaElem,
     CudaForwardOut, IGNORE_INDEX,
@@ -56,53 +58,11 @@ struct Report {
     rows: Vec<Row>,
 }
 
-struct Args {
-    json: Option<String>,
-    iters: usize,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut args = Args { json: None, iters: 25 };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--json" => args.json = Some(it.next().context("--json needs a path")?),
-            "--iters" => {
-                args.iters = it
-                    .next()
-                    .context("--iters needs a number")?
-                    .parse()
-                    .context("--iters")?;
-                if args.iters < 20 {
-                    bail!("--iters must be at least 20 (got {})", args.iters);
-                }
-            }
-            // `cargo bench` passes --bench (and maybe a filter); nothing else is meaningful here.
-            _ => {}
-        }
-    }
-    Ok(args)
-}
-
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("gpu_bench: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    if let Some(why) = cuda_unavailable_reason(0) {
-        println!("skipped: no GPU ({why})");
-        return;
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("gpu_bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    gpu_common::main_with("gpu_bench", 25, 20, run);
 }
 
-fn run(args: &Args) -> Result<()> {
+fn run(args: &gpu_common::Args) -> Result<()> {
     let dev = CudaDevice::get(0)?;
     let device = dev.name()?;
     println!("gpu_bench on {device}, median of {} runs", args.iters);

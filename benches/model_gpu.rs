@@ -9,8 +9,9 @@
 //!
 //! Without a usable GPU it prints `skipped: no GPU (<reason>)` and exits 0.
 
-use anyhow::{bail, Context, Result};
-use irbridge::device::cuda_unavailable_reason;
+mod gpu_common;
+
+use anyhow::{Context, Result};
 use irbridge::model::cuda::{CudaModel, Precision};
 use irbridge::model::{Batch, Model, ModelConfig, ParamPlan, Tensors};
 use rayon::prelude::*;
@@ -80,50 +81,8 @@ struct Report {
     rows: Vec<Row>,
 }
 
-struct Args {
-    json: Option<String>,
-    iters: usize,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut args = Args { json: None, iters: 10 };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--json" => args.json = Some(it.next().context("--json needs a path")?),
-            "--iters" => {
-                args.iters = it
-                    .next()
-                    .context("--iters needs a number")?
-                    .parse()
-                    .context("--iters")?;
-                if args.iters < 3 {
-                    bail!("--iters must be at least 3 (got {})", args.iters);
-                }
-            }
-            // `cargo bench` passes --bench (and maybe a filter); nothing else is meaningful here.
-            _ => {}
-        }
-    }
-    Ok(args)
-}
-
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("model_gpu: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    if let Some(why) = cuda_unavailable_reason(0) {
-        println!("skipped: no GPU ({why})");
-        return;
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("model_gpu failed: {e:#}");
-        std::process::exit(1);
-    }
+    gpu_common::main_with("model_gpu", 10, 3, run);
 }
 
 /// Deterministic, fast, parallel random init: every tensor uniform with the std HF uses
@@ -169,7 +128,7 @@ fn random_batch(vocab: usize, b: usize, t: usize) -> Result<Batch> {
     Batch::causal_lm(&ids, b, t, &vec![t; b])
 }
 
-fn run(args: &Args) -> Result<()> {
+fn run(args: &gpu_common::Args) -> Result<()> {
     let mut rows = Vec::new();
     let mut device = String::new();
     for shape in shapes() {
