@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, fixtures, load_goldens, Golden};
+use common::{assert_close, fixtures, load_goldens, Golden, TempDir};
 use irbridge::model::{Batch, Grads, Model};
 use irbridge::ops::logsoftmax::{forward_cpu, ForwardOut, IGNORE_INDEX};
 use safetensors::tensor::TensorView;
@@ -42,24 +42,6 @@ fn fixture(name: &str) -> Fixture {
 
 fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
-}
-
-/// Unique scratch directory under the system temp dir (removed on drop).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("irbridge-model-test-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Logits at the stored rows/columns/lse, token and sequence log-probs, full-logits vs chunked.

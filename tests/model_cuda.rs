@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{arg, assert_clean_error, irbridge};
+use common::{arg, assert_clean_error, irbridge, TempDir};
 
 use common::{assert_close, fixtures, load_goldens, skip_without_gpu, Golden};
 use irbridge::model::cuda::{CudaForward, CudaModel, Precision};
@@ -393,24 +393,6 @@ impl<E: Engine> StepEngine for E {
         }
         self.optimizer_step(hp).unwrap();
         (loss, norm)
-    }
-}
-
-/// Unique scratch directory under the system temp dir (removed on drop).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("irbridge-model-cuda-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -6,7 +6,7 @@
 //! folder under the system temp dir.
 mod common;
 
-use common::{arg, irbridge};
+use common::{arg, irbridge, TempDir};
 
 use irbridge::data::{read_records, tokenize_dpo, tokenize_sft, TokenizeOptions, TokenizedSeq, Tokenizer};
 use irbridge::model::Model;
@@ -26,29 +26,6 @@ fn model_dir() -> PathBuf {
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_dir(&model_dir()).expect("loading the tiny-gpt2 tokenizer")
-}
-
-/// A fresh folder under the temp dir, removed when the test passes (kept on failure, to look at).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("irbridge-train-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 const WORDS: [&str; 8] = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];

@@ -145,3 +145,24 @@ pub fn assert_clean_error(out: &Output, mentions: &str) {
         lines[0]
     );
 }
+
+/// A fresh scratch folder like [`temp_dir`], removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `irbridge-test-<tag>-<pid>` empty.
+    pub fn new(tag: &str) -> Self {
+        TempDir(temp_dir(tag))
+    }
+
+    /// A path inside the folder.
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
